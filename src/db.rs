@@ -1,0 +1,107 @@
+//! Connections to PostgreSQL: the pool every query goes through, and the settings of the
+//! listener's dedicated connection.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+/// `application_name` of pooled connections, so operators can tell them apart in
+/// `pg_stat_activity`.
+pub const POOL_APPLICATION_NAME: &str = "milo-workers";
+/// `application_name` of the LISTEN connection; tests find its backend by this name.
+pub const LISTENER_APPLICATION_NAME: &str = "milo-workers-listener";
+
+/// A silent network loss must be noticed in seconds: the kernel default keepalive idle time is
+/// two hours. Keepalives catch a dead peer while the socket is idle, the user timeout catches
+/// one while data is unacknowledged.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url")]
+    InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("could not build the connection pool")]
+    PoolBuildFailed(#[source] deadpool_postgres::BuildError),
+}
+
+/// Parses a libpq-style URL or key=value string and applies the settings every connection
+/// of ours shares.
+pub fn connect_config(url: &str, application_name: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(DbError::InvalidUrl)?;
+    config
+        .application_name(application_name)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+    Ok(config)
+}
+
+/// Builds the pool. Sessions get server-side limits so that nothing waits forever:
+/// `idle_in_transaction_session_timeout` is the lease on claimed rows. A worker holds its
+/// claims in an open transaction while platform calls run; if the process freezes or the
+/// network splits, the server ends the session after `lease` and another replica takes over.
+pub fn pool(url: &str, size: usize, lease: Duration) -> Result<Pool, DbError> {
+    let mut config = connect_config(url, POOL_APPLICATION_NAME)?;
+    config.options(format!(
+        "-c statement_timeout=60000 -c lock_timeout=10000 \
+         -c idle_in_transaction_session_timeout={}",
+        lease.as_millis()
+    ));
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(CONNECT_TIMEOUT * 2))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(DbError::PoolBuildFailed)
+}
+
+/// The URL with any password replaced, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]);
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted_from_urls_and_key_value_strings() {
+        assert_eq!(
+            redact_url("postgres://milo:s3cret@db:5432/milo"),
+            "postgres://milo:***@db:5432/milo"
+        );
+        assert_eq!(redact_url("postgres://milo@db/milo"), "postgres://milo@db/milo");
+        assert_eq!(
+            redact_url("host=db user=milo password=s3cret"),
+            "host=db user=milo password=***"
+        );
+    }
+}

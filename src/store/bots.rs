@@ -1,0 +1,155 @@
+//! Statements on `bots`.
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Transaction;
+
+use super::{fit, secs, Rows, StoreError};
+use crate::status::{BotStatus, HEARTBEAT_STATUSES};
+
+/// `deployment_error` is `varchar(1024)`.
+const DEPLOYMENT_ERROR_CHARS: usize = 1024;
+
+/// A bot as it stood when it was locked.
+#[derive(Debug, Clone)]
+pub struct BotRow {
+    pub id: i32,
+    pub status: BotStatus,
+    /// Heartbeated within the freshness window.
+    pub fresh: bool,
+}
+
+/// A bot BotHealth just marked FATAL.
+#[derive(Debug, Clone)]
+pub struct MarkedBot {
+    pub id: i32,
+    pub reason: String,
+    /// The evidence it was judged on: its last heartbeat, or when it entered its status.
+    pub silent_since: Option<SystemTime>,
+}
+
+/// Locks the bots assigned to slots being recovered. Waits for the lock rather than skipping:
+/// the holder is a heartbeat or status write that finishes in milliseconds, and the session's
+/// `lock_timeout` bounds the wait.
+pub async fn lock(
+    tx: &Transaction<'_>,
+    ids: &[i32],
+    freshness: Duration,
+) -> Result<Vec<BotRow>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = tx
+        .prepare_cached(
+            "SELECT id, status,
+                    coalesce(last_heartbeat > timezone('UTC', now()) - make_interval(secs => $2),
+                             false)
+             FROM bots WHERE id = ANY($1)
+             ORDER BY id FOR UPDATE",
+        )
+        .await?;
+    let rows = tx.query(&statement, &[&ids, &secs(freshness)]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| BotRow { id: row.get(0), status: BotStatus::parse(row.get(1)), fresh: row.get(2) })
+        .collect())
+}
+
+/// Marks bots FATAL with a reason each, unless they are already DONE or FATAL (or in a status
+/// this build does not know). Returns the ids actually changed.
+pub async fn mark_fatal(
+    tx: &Transaction<'_>,
+    bots: &[(i32, String)],
+) -> Result<Vec<i32>, StoreError> {
+    if bots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i32> = bots.iter().map(|(id, _)| *id).collect();
+    let reasons: Vec<String> =
+        bots.iter().map(|(_, reason)| fit(reason, DEPLOYMENT_ERROR_CHARS)).collect();
+    let statement = tx
+        .prepare_cached(
+            "UPDATE bots b SET status = 'FATAL', deployment_error = f.reason
+             FROM unnest($1::int4[], $2::text[]) AS f(id, reason)
+             WHERE b.id = f.id AND b.status = ANY($3)
+             RETURNING b.id",
+        )
+        .await?;
+    let rows = tx
+        .query(&statement, &[&ids, &reasons, &BotStatus::fatal_allowed_from()])
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// The bots among `rows` that are in a heartbeat-watched status: what BotHealth checks.
+pub async fn heartbeat_watched(
+    tx: &Transaction<'_>,
+    rows: Rows<'_>,
+) -> Result<Vec<i32>, StoreError> {
+    let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
+    let found = match rows {
+        Rows::After { id, limit } => {
+            let statement = tx
+                .prepare_cached(
+                    "SELECT id FROM bots WHERE status = ANY($1) AND id > $2
+                     ORDER BY id LIMIT $3",
+                )
+                .await?;
+            tx.query(&statement, &[&statuses, &id, &limit]).await?
+        }
+        Rows::Ids(ids) => {
+            let statement = tx
+                .prepare_cached("SELECT id FROM bots WHERE status = ANY($1) AND id = ANY($2)")
+                .await?;
+            tx.query(&statement, &[&statuses, &ids]).await?
+        }
+    };
+    Ok(found.iter().map(|row| row.get(0)).collect())
+}
+
+/// Marks FATAL those of `ids` that are still in a watched status and silent for longer than
+/// `timeout`: no heartbeat since then, or, with no heartbeat ever, no status change since then.
+/// Bots locked by anyone else are skipped; whoever holds them is changing them.
+pub async fn mark_silent_fatal(
+    tx: &Transaction<'_>,
+    ids: &[i32],
+    timeout: Duration,
+) -> Result<Vec<MarkedBot>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
+    let timeout_text = humantime::format_duration(timeout).to_string();
+    let statement = tx
+        .prepare_cached(
+            "WITH silent AS (
+                 SELECT b.id, b.status, b.last_heartbeat, ss.since
+                 FROM bots b
+                 LEFT JOIN milo_workers.bot_status_since ss ON ss.bot_id = b.id
+                 WHERE b.id = ANY($1) AND b.status = ANY($2)
+                   AND coalesce(b.last_heartbeat, ss.since, timezone('UTC', now()))
+                       < timezone('UTC', now()) - make_interval(secs => $3)
+                 FOR UPDATE OF b SKIP LOCKED
+             ), reasoned AS (
+                 SELECT id, coalesce(last_heartbeat, since) AS silent_since,
+                        CASE WHEN last_heartbeat IS NULL
+                             THEN 'no heartbeat within ' || $4 || ' of entering ' || status
+                             ELSE 'no heartbeat for more than ' || $4 || ' while ' || status
+                                  || ' (last at ' || to_char(last_heartbeat,
+                                     'YYYY-MM-DD HH24:MI:SS') || ' UTC)'
+                        END AS reason
+                 FROM silent
+             )
+             UPDATE bots b SET status = 'FATAL', deployment_error = left(r.reason, 1024)
+             FROM reasoned r WHERE b.id = r.id
+             RETURNING b.id, r.reason, r.silent_since",
+        )
+        .await?;
+    let rows = tx
+        .query(&statement, &[&ids, &statuses, &secs(timeout), &timeout_text])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| MarkedBot { id: row.get(0), reason: row.get(1), silent_since: row.get(2) })
+        .collect())
+}

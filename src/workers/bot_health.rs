@@ -1,0 +1,207 @@
+//! BotHealth: bots that should be heartbeating (JOINING_CALL, IN_WAITING_ROOM, IN_CALL,
+//! LEAVING) but have been silent for longer than the heartbeat timeout are marked FATAL, and
+//! the slot each one held is stopped and returned to the pool.
+//!
+//! DEPLOYING bots are never looked at here: a deployment that hangs is a slot problem and
+//! belongs to SlotRecovery.
+//!
+//! A batch is two transactions. The first marks the silent bots FATAL (guarded: still in a
+//! watched status, still silent, not locked by anyone) with their audit entries. The second
+//! claims their slots, stops them on the platform, and frees them, or, if the stop fails,
+//! leaves them in `error` so SlotRecovery takes over. Keeping the platform calls out of the
+//! first transaction means milo's writes to those bots never wait on the platform.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::info;
+
+use super::{Context, RunError, RunReport, Worker};
+use crate::config::BotHealthSettings;
+use crate::pipeline::{Batch, Scope};
+use crate::platform::{Operation, SlotCall};
+use crate::store::audit::{self, Actor};
+use crate::store::bots::{self, MarkedBot};
+use crate::store::{slots, Action, AuditEntry, Rows, Trigger};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BotHealthReport {
+    /// Bots in a heartbeat-watched status that were looked at.
+    pub checked: u64,
+    pub marked_fatal: u64,
+    /// Slots stopped and returned to the pool.
+    pub resources_released: u64,
+}
+
+impl RunReport for BotHealthReport {
+    fn log(&self, worker: &str, trigger: Trigger, elapsed: Duration) {
+        info!(
+            worker,
+            %trigger,
+            checked = self.checked,
+            marked_fatal = self.marked_fatal,
+            resources_released = self.resources_released,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "bot health run finished"
+        );
+    }
+}
+
+pub struct BotHealth {
+    context: Context,
+    settings: BotHealthSettings,
+}
+
+impl BotHealth {
+    pub const NAME: &'static str = "bot_health";
+
+    pub fn new(context: Context, settings: BotHealthSettings) -> Self {
+        Self { context, settings }
+    }
+
+    fn actor(&self, trigger: Trigger) -> Actor<'_> {
+        Actor { worker: Self::NAME, trigger, replica: &self.context.replica }
+    }
+
+    /// Checks one batch; returns the ids that were checked.
+    async fn handle(
+        &self,
+        rows: Rows<'_>,
+        trigger: Trigger,
+        report: &mut BotHealthReport,
+    ) -> Result<Vec<i32>, RunError> {
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let watched = bots::heartbeat_watched(&tx, rows).await?;
+        let marked = bots::mark_silent_fatal(&tx, &watched, self.settings.heartbeat_timeout).await?;
+        let entries: Vec<AuditEntry> = marked
+            .iter()
+            .map(|bot| AuditEntry {
+                action: Action::BotMarkedFatal,
+                slot_id: None,
+                bot_id: Some(bot.id),
+                reason: bot.reason.clone(),
+                status_since: bot.silent_since,
+            })
+            .collect();
+        audit::record(&tx, self.actor(trigger), &entries).await?;
+        tx.commit().await?;
+        drop(client);
+
+        for bot in &marked {
+            info!(action = "bot_marked_fatal", bot_id = bot.id, reason = %bot.reason, "bot health action");
+        }
+        report.checked += watched.len() as u64;
+        report.marked_fatal += marked.len() as u64;
+        if !marked.is_empty() {
+            report.resources_released += self.release(&marked, trigger).await?;
+        }
+        Ok(watched)
+    }
+
+    /// Stops and frees the slots still held by bots just marked FATAL. Returns how many were
+    /// freed. A slot another worker holds right now is left to it.
+    async fn release(&self, marked: &[MarkedBot], trigger: Trigger) -> Result<u64, RunError> {
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let bot_ids: Vec<i32> = marked.iter().map(|bot| bot.id).collect();
+        let held = slots::claim_held_by(&tx, &bot_ids).await?;
+
+        let calls = held
+            .iter()
+            .map(|slot| SlotCall {
+                slot_id: slot.id,
+                operation: Operation::Stop,
+                uuid: slot.coolify_service_uuid.clone(),
+            })
+            .collect();
+        let context = &self.context;
+        let mut outcomes =
+            context.platform.call_each(calls, context.concurrency, context.platform_budget).await;
+
+        let reasons: HashMap<i32, &str> =
+            marked.iter().map(|bot| (bot.id, bot.reason.as_str())).collect();
+        let mut freed = Vec::new();
+        let mut failed = Vec::new();
+        let mut entries = Vec::new();
+        let mut deferred = Vec::new();
+        for slot in &held {
+            let Some(Some(outcome)) = outcomes.remove(&slot.id) else {
+                deferred.extend(slot.assigned_bot_id);
+                continue;
+            };
+            let bot_reason = slot.assigned_bot_id.and_then(|id| reasons.get(&id)).copied();
+            let (action, reason) = match outcome {
+                Ok(()) => {
+                    freed.push(slot.id);
+                    (Action::ResourcesReleased, format!("bot FATAL: {}", bot_reason.unwrap_or("")))
+                }
+                Err(error) => {
+                    let reason = format!("releasing the slot of a FATAL bot failed: {error}");
+                    failed.push((slot.id, reason.clone()));
+                    (Action::ReleaseFailed, reason)
+                }
+            };
+            entries.push(AuditEntry {
+                action,
+                slot_id: Some(slot.id),
+                bot_id: slot.assigned_bot_id,
+                reason,
+                status_since: slot.status_since,
+            });
+        }
+
+        slots::reset_to_idle(&tx, &freed).await?;
+        slots::mark_error(&tx, &failed, false).await?;
+        audit::record(&tx, self.actor(trigger), &entries).await?;
+        tx.commit().await?;
+
+        for entry in &entries {
+            info!(
+                action = entry.action.as_str(),
+                slot_id = entry.slot_id,
+                bot_id = entry.bot_id,
+                reason = %entry.reason,
+                "bot health action"
+            );
+        }
+        // Out of time before these slots' calls: release them in a fresh batch.
+        let mut released = freed.len() as u64;
+        if !deferred.is_empty() {
+            let rest: Vec<MarkedBot> =
+                marked.iter().filter(|bot| deferred.contains(&bot.id)).cloned().collect();
+            released += Box::pin(self.release(&rest, trigger)).await?;
+        }
+        Ok(released)
+    }
+}
+
+impl Worker for BotHealth {
+    type Report = BotHealthReport;
+    const NAME: &'static str = Self::NAME;
+
+    async fn run(&self, batch: &Batch) -> Result<BotHealthReport, RunError> {
+        let mut report = BotHealthReport::default();
+        let limit = self.context.batch_size.max(1);
+        match &batch.scope {
+            Scope::Sweep => {
+                let mut after = 0;
+                loop {
+                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let checked = self.handle(rows, batch.trigger, &mut report).await?;
+                    match checked.last() {
+                        Some(&last) if checked.len() == limit => after = last,
+                        _ => break,
+                    }
+                }
+            }
+            Scope::Ids(ids) => {
+                for chunk in ids.chunks(limit) {
+                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,334 @@
+//! SlotRecovery: slots in `error`, and slots stuck `deploying`, are stopped on the platform
+//! and returned to the pool; after too many failed attempts their application and row are
+//! deleted. The bot on such a slot is marked FATAL.
+//!
+//! One batch is one transaction: claim the candidate slots (row locks, skipping any another
+//! worker or replica holds), lock their bots, decide, make the platform calls concurrently,
+//! write every outcome and its audit entry, commit. If the process dies midway the
+//! transaction rolls back and the slots are candidates again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::info;
+
+use super::{Context, RunError, RunReport, Worker};
+use crate::config::SlotRecoverySettings;
+use crate::pipeline::{Batch, Scope};
+use crate::platform::{Operation, PlatformError, SlotCall};
+use crate::status::SlotStatus;
+use crate::store::audit::{self, Actor};
+use crate::store::bots::{self, BotRow};
+use crate::store::slots::{self, SlotRow};
+use crate::store::{Action, AuditEntry, Rows, Trigger};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SlotRecoveryReport {
+    /// Stopped on the platform and back to idle.
+    pub recovered: u64,
+    /// A platform call failed; the slot stays in error and is tried again later.
+    pub failed: u64,
+    /// Out of attempts: application and row deleted.
+    pub deleted: u64,
+    /// Alive after all (a deploying slot whose bot heartbeats), including those corrected
+    /// to busy. Never counts as an attempt.
+    pub skipped: u64,
+}
+
+impl RunReport for SlotRecoveryReport {
+    fn log(&self, worker: &str, trigger: Trigger, elapsed: Duration) {
+        info!(
+            worker,
+            %trigger,
+            recovered = self.recovered,
+            failed = self.failed,
+            deleted = self.deleted,
+            skipped = self.skipped,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "slot recovery run finished"
+        );
+    }
+}
+
+/// What to do with one claimed slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Its bot is alive and still deploying: look again later.
+    Skip,
+    /// Its bot is alive and already running: the slot is really busy.
+    MarkBusy,
+    /// Stop the application and return the slot to the pool.
+    Recover,
+    /// Out of attempts: delete the application, then the row.
+    Delete,
+}
+
+/// Decides for a claimed candidate slot, given its bot as locked (if it has one).
+pub fn decide(slot: &SlotRow, bot: Option<&BotRow>, max_attempts: i32) -> Decision {
+    if slot.status == SlotStatus::Deploying {
+        if let Some(bot) = bot.filter(|bot| bot.fresh && !bot.status.is_terminal()) {
+            return if bot.status.is_past_deploying() { Decision::MarkBusy } else { Decision::Skip };
+        }
+    }
+    if slot.recovery_attempts >= max_attempts {
+        Decision::Delete
+    } else {
+        Decision::Recover
+    }
+}
+
+/// What one batch claimed, and which of those it left for later.
+#[derive(Default)]
+struct Handled {
+    claimed: Vec<i32>,
+    deferred: Vec<i32>,
+}
+
+pub struct SlotRecovery {
+    context: Context,
+    settings: SlotRecoverySettings,
+}
+
+impl SlotRecovery {
+    pub const NAME: &'static str = "slot_recovery";
+
+    pub fn new(context: Context, settings: SlotRecoverySettings) -> Self {
+        Self { context, settings }
+    }
+
+    /// Claims and handles one batch of candidates.
+    async fn handle(
+        &self,
+        rows: Rows<'_>,
+        trigger: Trigger,
+        report: &mut SlotRecoveryReport,
+    ) -> Result<Handled, RunError> {
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+
+        let claimed = slots::claim_candidates(&tx, rows, self.settings.deploy_timeout).await?;
+        if claimed.is_empty() {
+            tx.commit().await?;
+            return Ok(Handled::default());
+        }
+        let bot_ids: Vec<i32> = claimed.iter().filter_map(|s| s.assigned_bot_id).collect();
+        let bots: HashMap<i32, BotRow> =
+            bots::lock(&tx, &bot_ids, self.settings.heartbeat_freshness)
+                .await?
+                .into_iter()
+                .map(|bot| (bot.id, bot))
+                .collect();
+
+        let decided: Vec<(&SlotRow, Decision)> = claimed
+            .iter()
+            .map(|slot| {
+                let bot = slot.assigned_bot_id.and_then(|id| bots.get(&id));
+                (slot, decide(slot, bot, self.settings.max_recovery_attempts))
+            })
+            .collect();
+
+        let outcomes = self.call_platform(&decided).await;
+        let writes = Writes::collect(&decided, &outcomes, &bots, &self.settings);
+
+        let fatal = bots::mark_fatal(&tx, &writes.fatal).await?;
+        slots::reset_to_idle(&tx, &writes.recovered).await?;
+        slots::mark_error(&tx, &writes.failed, true).await?;
+        slots::mark_error(&tx, &writes.delete_failed, false).await?;
+        slots::mark_busy(&tx, &writes.busy).await?;
+        slots::delete(&tx, &writes.deleted).await?;
+        let entries = writes.audit_entries(&fatal);
+        let actor = Actor { worker: Self::NAME, trigger, replica: &self.context.replica };
+        audit::record(&tx, actor, &entries).await?;
+        tx.commit().await?;
+
+        for entry in &entries {
+            info!(
+                action = entry.action.as_str(),
+                slot_id = entry.slot_id,
+                bot_id = entry.bot_id,
+                reason = %entry.reason,
+                "slot recovery action"
+            );
+        }
+        report.recovered += writes.recovered.len() as u64;
+        report.failed += (writes.failed.len() + writes.delete_failed.len()) as u64;
+        report.deleted += writes.deleted.len() as u64;
+        report.skipped += writes.skipped + writes.busy.len() as u64;
+        Ok(Handled { claimed: claimed.iter().map(|slot| slot.id).collect(), deferred: writes.deferred })
+    }
+
+    /// Stops or deletes the applications, concurrently up to the platform's limit. Each slot
+    /// gets at most one call; a hung call only costs its own slot.
+    async fn call_platform(&self, decided: &[(&SlotRow, Decision)]) -> Outcomes {
+        let calls = decided
+            .iter()
+            .filter_map(|(slot, decision)| {
+                let operation = match decision {
+                    Decision::Recover => Operation::Stop,
+                    Decision::Delete => Operation::Delete,
+                    Decision::Skip | Decision::MarkBusy => return None,
+                };
+                Some(SlotCall { slot_id: slot.id, operation, uuid: slot.coolify_service_uuid.clone() })
+            })
+            .collect();
+        let context = &self.context;
+        context.platform.call_each(calls, context.concurrency, context.platform_budget).await
+    }
+}
+
+type Outcomes = HashMap<i32, Option<Result<(), PlatformError>>>;
+
+/// The writes of one batch, grouped so each kind is one statement.
+#[derive(Default)]
+struct Writes {
+    fatal: Vec<(i32, String)>,
+    recovered: Vec<i32>,
+    failed: Vec<(i32, String)>,
+    delete_failed: Vec<(i32, String)>,
+    deleted: Vec<i32>,
+    busy: Vec<i32>,
+    skipped: u64,
+    /// Claimed, but the batch ran out of time before its platform call: untouched.
+    deferred: Vec<i32>,
+    /// Per slot: its bot, what happened, why, and since when.
+    entries: Vec<AuditEntry>,
+    /// Bot id → (slot id, reason, since) for the FATAL entries, once known which took effect.
+    fatal_context: HashMap<i32, AuditEntry>,
+}
+
+impl Writes {
+    fn collect(
+        decided: &[(&SlotRow, Decision)],
+        outcomes: &Outcomes,
+        bots: &HashMap<i32, BotRow>,
+        settings: &SlotRecoverySettings,
+    ) -> Self {
+        let mut writes = Writes::default();
+        for (slot, decision) in decided {
+            let why = why_candidate(slot, settings.deploy_timeout);
+            let entry = |action, reason: String| AuditEntry {
+                action,
+                slot_id: Some(slot.id),
+                bot_id: slot.assigned_bot_id,
+                reason,
+                status_since: slot.status_since,
+            };
+
+            match decision {
+                Decision::Skip => {
+                    writes.skipped += 1;
+                    continue;
+                }
+                Decision::MarkBusy => {
+                    writes.busy.push(slot.id);
+                    writes.entries.push(entry(
+                        Action::SlotMarkedBusy,
+                        "slot was deploying but its bot is running and heartbeating".into(),
+                    ));
+                    continue;
+                }
+                Decision::Recover | Decision::Delete => {}
+            }
+            let Some(Some(outcome)) = outcomes.get(&slot.id) else {
+                writes.deferred.push(slot.id);
+                continue;
+            };
+
+            if let Some(bot) = slot.assigned_bot_id.and_then(|id| bots.get(&id)) {
+                if bot.status.worker_may_move_to(&crate::status::BotStatus::Fatal) {
+                    let reason = format!("slot recovery: {why}");
+                    writes.fatal.push((bot.id, reason.clone()));
+                    writes.fatal_context.insert(bot.id, entry(Action::BotMarkedFatal, reason));
+                }
+            }
+
+            match (decision, outcome) {
+                (Decision::Recover, Ok(())) => {
+                    writes.recovered.push(slot.id);
+                    writes.entries.push(entry(Action::SlotRecovered, why));
+                }
+                (Decision::Recover, Err(error)) => {
+                    let attempt = slot.recovery_attempts + 1;
+                    let reason = format!("recovery attempt {attempt} failed: {error}");
+                    writes.failed.push((slot.id, reason.clone()));
+                    writes.entries.push(entry(Action::SlotRecoveryFailed, reason));
+                }
+                (Decision::Delete, Ok(())) => {
+                    writes.deleted.push(slot.id);
+                    let reason =
+                        format!("deleted after {} failed recovery attempts", slot.recovery_attempts);
+                    writes.entries.push(entry(Action::SlotDeleted, reason));
+                }
+                (Decision::Delete, Err(error)) => {
+                    let reason = format!("delete failed, will retry: {error}");
+                    writes.delete_failed.push((slot.id, reason.clone()));
+                    writes.entries.push(entry(Action::SlotRecoveryFailed, reason));
+                }
+                (Decision::Skip | Decision::MarkBusy, _) => unreachable!("handled above"),
+            }
+        }
+        writes
+    }
+
+    /// The audit entries, with a FATAL entry only for bots the guarded write really changed.
+    fn audit_entries(&self, fatal: &[i32]) -> Vec<AuditEntry> {
+        let mut entries: Vec<AuditEntry> =
+            fatal.iter().filter_map(|id| self.fatal_context.get(id).cloned()).collect();
+        entries.extend(self.entries.iter().cloned());
+        entries
+    }
+}
+
+/// Why the slot is a candidate, in words for `error_message`, `deployment_error` and the audit.
+fn why_candidate(slot: &SlotRow, deploy_timeout: Duration) -> String {
+    match slot.status {
+        SlotStatus::Deploying => format!(
+            "slot {} stuck deploying for more than {}",
+            slot.id,
+            humantime::format_duration(deploy_timeout)
+        ),
+        _ => match slot.error_message.as_deref() {
+            Some(message) if !message.is_empty() => format!("slot {} in error: {message}", slot.id),
+            _ => format!("slot {} in error", slot.id),
+        },
+    }
+}
+
+impl Worker for SlotRecovery {
+    type Report = SlotRecoveryReport;
+    const NAME: &'static str = Self::NAME;
+
+    async fn run(&self, batch: &Batch) -> Result<SlotRecoveryReport, RunError> {
+        let mut report = SlotRecoveryReport::default();
+        let limit = self.context.batch_size.max(1);
+        let mut deferred = Vec::new();
+        match &batch.scope {
+            Scope::Sweep => {
+                let mut after = 0;
+                loop {
+                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let handled = self.handle(rows, batch.trigger, &mut report).await?;
+                    deferred.extend(handled.deferred);
+                    match handled.claimed.last() {
+                        Some(&last) if handled.claimed.len() == limit => after = last,
+                        _ => break,
+                    }
+                }
+            }
+            Scope::Ids(ids) => {
+                for chunk in ids.chunks(limit) {
+                    let handled = self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                    deferred.extend(handled.deferred);
+                }
+            }
+        }
+        // Every round makes progress: the calls started within a batch's budget get outcomes.
+        while !deferred.is_empty() {
+            let chunk: Vec<i32> = deferred.drain(..deferred.len().min(limit)).collect();
+            let handled = self.handle(Rows::Ids(&chunk), batch.trigger, &mut report).await?;
+            deferred.extend(handled.deferred);
+        }
+        Ok(report)
+    }
+}
