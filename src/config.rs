@@ -41,7 +41,8 @@ impl Settings {
     /// the latest by its timeout) well inside the lease; claimed slots not reached in time
     /// are released untouched and handled by the next batch.
     pub fn platform_budget(&self) -> Duration {
-        self.claim_lease().saturating_sub(self.platform_timeout + Duration::from_secs(10))
+        self.claim_lease()
+            .saturating_sub(self.platform_timeout + Duration::from_secs(10))
     }
 }
 
@@ -91,6 +92,8 @@ impl Default for SlotRecoverySettings {
 
 impl Default for BotHealthSettings {
     fn default() -> Self {
-        Self { heartbeat_timeout: Duration::from_secs(10 * 60) }
+        Self {
+            heartbeat_timeout: Duration::from_secs(10 * 60),
+        }
     }
 }

@@ -48,7 +48,13 @@ impl Options {
     pub fn new(database_url: &str, settings: Settings, platform: Arc<dyn Platform>) -> Self {
         let mut listener = ListenerSettings::new(database_url);
         listener.sweep_on_start = settings.sweep_on_start;
-        Self { database_url: database_url.to_owned(), settings, platform, migrate: true, listener }
+        Self {
+            database_url: database_url.to_owned(),
+            settings,
+            platform,
+            migrate: true,
+            listener,
+        }
     }
 }
 
@@ -69,8 +75,11 @@ pub fn context(
     settings: &Settings,
     platform: Arc<dyn Platform>,
 ) -> Context {
-    let platform =
-        PlatformClient::new(platform, settings.platform_timeout, settings.platform_concurrency);
+    let platform = PlatformClient::new(
+        platform,
+        settings.platform_timeout,
+        settings.platform_concurrency,
+    );
     Context {
         pool,
         platform,
@@ -101,17 +110,29 @@ pub async fn start(options: Options) -> Result<Daemon, StartError> {
     }
 
     let context = context(pool.clone(), settings, options.platform.clone());
-    let timing = Timing { debounce: settings.debounce, max_wait: settings.max_wait };
-    let slot_recovery =
-        workers::start(SlotRecovery::new(context.clone(), settings.slots.clone()), timing);
+    let timing = Timing {
+        debounce: settings.debounce,
+        max_wait: settings.max_wait,
+    };
+    let slot_recovery = workers::start(
+        SlotRecovery::new(context.clone(), settings.slots.clone()),
+        timing,
+    );
     let bot_health = workers::start(BotHealth::new(context, settings.bots.clone()), timing);
 
     let cancel = CancellationToken::new();
     let (events, received) = mpsc::channel(EVENT_BUFFER);
     let status = Arc::new(ListenerStatus::default());
-    let listener_task =
-        listener::spawn(options.listener.clone(), events, status.clone(), cancel.clone());
-    let sinks = Sinks { slots: slot_recovery.inbox().clone(), bots: bot_health.inbox().clone() };
+    let listener_task = listener::spawn(
+        options.listener.clone(),
+        events,
+        status.clone(),
+        cancel.clone(),
+    );
+    let sinks = Sinks {
+        slots: slot_recovery.inbox().clone(),
+        bots: bot_health.inbox().clone(),
+    };
     let pipeline_task = tokio::spawn(pipeline::run(
         received,
         pipeline::ticks(settings.sweep_interval),
@@ -159,8 +180,10 @@ impl Daemon {
             // Both tasks end at once on cancel; an error here is a panic already logged.
             let _ = task.await;
         }
-        let (slots, bots) =
-            tokio::join!(self.slot_recovery.stop(self.grace), self.bot_health.stop(self.grace));
+        let (slots, bots) = tokio::join!(
+            self.slot_recovery.stop(self.grace),
+            self.bot_health.stop(self.grace)
+        );
         self.pool.close();
         info!("stopped");
         slots && bots

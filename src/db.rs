@@ -31,7 +31,10 @@ pub enum DbError {
 
 /// Parses a libpq-style URL or key=value string and applies the settings every connection
 /// of ours shares.
-pub fn connect_config(url: &str, application_name: &str) -> Result<tokio_postgres::Config, DbError> {
+pub fn connect_config(
+    url: &str,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, DbError> {
     let mut config: tokio_postgres::Config = url.parse().map_err(DbError::InvalidUrl)?;
     config
         .application_name(application_name)
@@ -58,7 +61,9 @@ pub fn pool(url: &str, size: usize, lease: Duration) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         config,
         NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
     );
     Pool::builder(manager)
         .max_size(size)
@@ -70,6 +75,24 @@ pub fn pool(url: &str, size: usize, lease: Duration) -> Result<Pool, DbError> {
         .map_err(DbError::PoolBuildFailed)
 }
 
+/// The same connection string pointing at another database on the same server.
+pub fn with_database(url: &str, database: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let query_start = rest.find('?').unwrap_or(rest.len());
+        let authority_end = rest[..query_start].find('/').unwrap_or(query_start);
+        return format!(
+            "{}{}/{}{}",
+            &url[..scheme_end + 3],
+            &rest[..authority_end],
+            database,
+            &rest[query_start..]
+        );
+    }
+    // key=value form: a later key overrides an earlier one.
+    format!("{url} dbname={database}")
+}
+
 /// The URL with any password replaced, for logs and error messages.
 pub fn redact_url(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
@@ -77,20 +100,47 @@ pub fn redact_url(url: &str) -> String {
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         if let Some(at) = rest[..authority_end].rfind('@') {
             if let Some(colon) = rest[..at].find(':') {
-                return format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]);
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &rest[..colon],
+                    &rest[at..]
+                );
             }
         }
         return url.to_owned();
     }
     url.split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, with_database};
+
+    #[test]
+    fn another_database_on_the_same_server() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "scratch"),
+            "postgres://u:p@h:5432/scratch?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h", "scratch"),
+            "postgres://h/scratch"
+        );
+        assert_eq!(
+            with_database("host=h dbname=a", "b"),
+            "host=h dbname=a dbname=b"
+        );
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls_and_key_value_strings() {
@@ -98,7 +148,10 @@ mod tests {
             redact_url("postgres://milo:s3cret@db:5432/milo"),
             "postgres://milo:***@db:5432/milo"
         );
-        assert_eq!(redact_url("postgres://milo@db/milo"), "postgres://milo@db/milo");
+        assert_eq!(
+            redact_url("postgres://milo@db/milo"),
+            "postgres://milo@db/milo"
+        );
         assert_eq!(
             redact_url("host=db user=milo password=s3cret"),
             "host=db user=milo password=***"

@@ -129,12 +129,14 @@ pub fn parse(channel: &str, payload: &str) -> Result<(Event, Option<String>), Pa
         return Err(PayloadError::Malformed);
     }
     let (event, unknown) = match channel {
-        SLOTS_CHANNEL => {
-            (Event::SlotChanged(id), matches!(SlotStatus::parse(status), SlotStatus::Unknown(_)))
-        }
-        BOTS_CHANNEL => {
-            (Event::BotChanged(id), matches!(BotStatus::parse(status), BotStatus::Unknown(_)))
-        }
+        SLOTS_CHANNEL => (
+            Event::SlotChanged(id),
+            matches!(SlotStatus::parse(status), SlotStatus::Unknown(_)),
+        ),
+        BOTS_CHANNEL => (
+            Event::BotChanged(id),
+            matches!(BotStatus::parse(status), BotStatus::Unknown(_)),
+        ),
         _ => return Err(PayloadError::UnknownChannel),
     };
     Ok((event, unknown.then(|| status.to_owned())))
@@ -239,7 +241,10 @@ async fn connect(
 ) -> Result<(Client, JoinHandle<Result<(), ListenError>>), ListenError> {
     let config = db::connect_config(&settings.database_url, db::LISTENER_APPLICATION_NAME)
         .map_err(ListenError::Config)?;
-    let (client, mut connection) = config.connect(NoTls).await.map_err(ListenError::ConnectFailed)?;
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(ListenError::ConnectFailed)?;
 
     // The connection must be polled for the client's queries to progress, and polling it is
     // what reads notifications off the socket: this task does both, and forwards each
@@ -258,7 +263,10 @@ async fn connect(
                                 warn!(channel = n.channel(), status = %cut_short(&unknown, PAYLOAD_SHOWN),
                                     "notification names an unknown status; checking the row anyway");
                             }
-                            events.send(event).await.map_err(|_| ListenError::PipelineGone)?;
+                            events
+                                .send(event)
+                                .await
+                                .map_err(|_| ListenError::PipelineGone)?;
                         }
                         Err(error) => {
                             status.ignored_payloads.fetch_add(1, Ordering::Relaxed);
@@ -330,8 +338,14 @@ mod tests {
 
     #[test]
     fn payloads_of_the_triggers_parse() {
-        assert_eq!(parse(SLOTS_CHANNEL, "42:error"), Ok((Event::SlotChanged(42), None)));
-        assert_eq!(parse(BOTS_CHANNEL, "7:IN_CALL"), Ok((Event::BotChanged(7), None)));
+        assert_eq!(
+            parse(SLOTS_CHANNEL, "42:error"),
+            Ok((Event::SlotChanged(42), None))
+        );
+        assert_eq!(
+            parse(BOTS_CHANNEL, "7:IN_CALL"),
+            Ok((Event::BotChanged(7), None))
+        );
     }
 
     #[test]
@@ -348,10 +362,18 @@ mod tests {
         assert_eq!(parse(SLOTS_CHANNEL, "hello"), Err(PayloadError::Malformed));
         assert_eq!(parse(SLOTS_CHANNEL, "x:error"), Err(PayloadError::BadId));
         assert_eq!(parse(SLOTS_CHANNEL, "-3:error"), Err(PayloadError::BadId));
-        assert_eq!(parse(SLOTS_CHANNEL, "99999999999:error"), Err(PayloadError::BadId));
+        assert_eq!(
+            parse(SLOTS_CHANNEL, "99999999999:error"),
+            Err(PayloadError::BadId)
+        );
         assert_eq!(parse(SLOTS_CHANNEL, "5:"), Err(PayloadError::Malformed));
         assert_eq!(parse("other", "5:error"), Err(PayloadError::UnknownChannel));
-        assert_eq!(parse(SLOTS_CHANNEL, &"9".repeat(8000)), Err(PayloadError::BadId));
+        assert_eq!(
+            parse(SLOTS_CHANNEL, &"9".repeat(8000)),
+            Err(PayloadError::Malformed)
+        );
+        let huge_id = format!("{}:error", "9".repeat(8000));
+        assert_eq!(parse(SLOTS_CHANNEL, &huge_id), Err(PayloadError::BadId));
     }
 
     #[test]
@@ -361,7 +383,10 @@ mod tests {
             let ceiling = (Duration::from_millis(500) * 2u32.pow(failures.min(16)))
                 .min(Duration::from_secs(30));
             let delay = backoff(&settings, failures);
-            assert!(delay <= ceiling && delay >= ceiling / 2, "{failures}: {delay:?}");
+            assert!(
+                delay <= ceiling && delay >= ceiling / 2,
+                "{failures}: {delay:?}"
+            );
         }
     }
 }

@@ -40,13 +40,19 @@ pub async fn migrate(client: &mut Client) -> Result<usize, SchemaError> {
 
     // Unlock even when the migration failed; the lock is session-level and the session may
     // go back to a pool.
-    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
     let report = result.map_err(SchemaError::MigrationFailed)?;
     unlocked.map_err(SchemaError::PrepareFailed)?;
 
     let applied = report.applied_migrations().len();
     for migration in report.applied_migrations() {
-        info!(version = migration.version(), name = migration.name(), "applied migration");
+        info!(
+            version = migration.version(),
+            name = migration.name(),
+            "applied migration"
+        );
     }
     Ok(applied)
 }

@@ -155,8 +155,13 @@ impl SlotStatus {
         use SlotStatus::*;
         matches!(
             (self, to),
-            (Error, Idle) | (Error, Error) | (Deploying, Idle) | (Deploying, Error)
-                | (Deploying, Busy) | (Busy, Idle) | (Busy, Error)
+            (Error, Idle)
+                | (Error, Error)
+                | (Deploying, Idle)
+                | (Deploying, Error)
+                | (Deploying, Busy)
+                | (Busy, Idle)
+                | (Busy, Error)
         )
     }
 }
@@ -188,7 +193,10 @@ mod tests {
     fn every_known_bot_status_round_trips() {
         for s in ALL_BOTS {
             let parsed = BotStatus::parse(s);
-            assert!(!matches!(parsed, BotStatus::Unknown(_)), "{s} should be known");
+            assert!(
+                !matches!(parsed, BotStatus::Unknown(_)),
+                "{s} should be known"
+            );
             assert_eq!(parsed.as_str(), s);
         }
     }

@@ -133,10 +133,18 @@ mod tests {
     async fn notifications_go_to_their_worker_and_ticks_to_both() {
         let slots = Arc::new(Recorder::default());
         let bots = Arc::new(Recorder::default());
-        let sinks = Sinks { slots: slots.clone(), bots: bots.clone() };
+        let sinks = Sinks {
+            slots: slots.clone(),
+            bots: bots.clone(),
+        };
         let (tx, rx) = mpsc::channel(8);
         let cancel = CancellationToken::new();
-        let pipeline = tokio::spawn(run(rx, ticks(Duration::from_secs(300)), sinks, cancel.clone()));
+        let pipeline = tokio::spawn(run(
+            rx,
+            ticks(Duration::from_secs(300)),
+            sinks,
+            cancel.clone(),
+        ));
 
         tx.send(Event::SlotChanged(4)).await.unwrap();
         tx.send(Event::BotChanged(9)).await.unwrap();

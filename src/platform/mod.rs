@@ -39,9 +39,17 @@ impl fmt::Display for Operation {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PlatformError {
     #[error("{operation} of {uuid} timed out after {after:?}")]
-    TimedOut { operation: Operation, uuid: String, after: Duration },
+    TimedOut {
+        operation: Operation,
+        uuid: String,
+        after: Duration,
+    },
     #[error("{operation} of {uuid} failed: {message}")]
-    Failed { operation: Operation, uuid: String, message: String },
+    Failed {
+        operation: Operation,
+        uuid: String,
+        message: String,
+    },
 }
 
 /// An adapter for the platform. Implementations return `Ok` when the application is stopped
@@ -63,12 +71,20 @@ pub struct PlatformClient {
 
 impl PlatformClient {
     pub fn new(adapter: Arc<dyn Platform>, timeout: Duration, concurrency: usize) -> Self {
-        Self { adapter, timeout, permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+        Self {
+            adapter,
+            timeout,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
     }
 
     pub async fn call(&self, operation: Operation, uuid: &str) -> Result<(), PlatformError> {
         // The semaphore is never closed, so acquiring cannot fail.
-        let _permit = self.permits.acquire().await.expect("platform semaphore is never closed");
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("platform semaphore is never closed");
         let started = Instant::now();
         let call = match operation {
             Operation::Stop => self.adapter.stop(uuid),
@@ -107,12 +123,18 @@ impl PlatformClient {
                 if Instant::now() >= deadline {
                     return (call.slot_id, None);
                 }
-                (call.slot_id, Some(client.call(call.operation, &call.uuid).await))
+                (
+                    call.slot_id,
+                    Some(client.call(call.operation, &call.uuid).await),
+                )
             }
             .instrument(span)
         });
         let futures: Vec<_> = futures.collect();
-        stream::iter(futures).buffer_unordered(concurrency.max(1)).collect().await
+        stream::iter(futures)
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await
     }
 }
 

@@ -74,7 +74,9 @@ impl SimulatedPlatform {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock can only come from a bug in this file; the state
         // is still usable for reporting, so recover it rather than poisoning every test.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn call(&self, operation: Operation, uuid: &str) -> Result<(), PlatformError> {
@@ -89,7 +91,10 @@ impl SimulatedPlatform {
                 || (self.failure_rate > 0.0 && rand::thread_rng().gen_bool(self.failure_rate));
             (state.hanging.contains(uuid), fail)
         };
-        let _in_flight = InFlight { platform: self, uuid };
+        let _in_flight = InFlight {
+            platform: self,
+            uuid,
+        };
 
         if hang {
             std::future::pending::<()>().await;
@@ -98,7 +103,11 @@ impl SimulatedPlatform {
             tokio::time::sleep(self.latency).await;
         }
 
-        self.lock().calls.push(Call { operation, uuid: uuid.to_owned(), succeeded: !fail });
+        self.lock().calls.push(Call {
+            operation,
+            uuid: uuid.to_owned(),
+            succeeded: !fail,
+        });
         if fail {
             return Err(PlatformError::Failed {
                 operation,

@@ -51,7 +51,11 @@ pub async fn lock(
     let rows = tx.query(&statement, &[&ids, &secs(freshness)]).await?;
     Ok(rows
         .iter()
-        .map(|row| BotRow { id: row.get(0), status: BotStatus::parse(row.get(1)), fresh: row.get(2) })
+        .map(|row| BotRow {
+            id: row.get(0),
+            status: BotStatus::parse(row.get(1)),
+            fresh: row.get(2),
+        })
         .collect())
 }
 
@@ -65,8 +69,10 @@ pub async fn mark_fatal(
         return Ok(Vec::new());
     }
     let ids: Vec<i32> = bots.iter().map(|(id, _)| *id).collect();
-    let reasons: Vec<String> =
-        bots.iter().map(|(_, reason)| fit(reason, DEPLOYMENT_ERROR_CHARS)).collect();
+    let reasons: Vec<String> = bots
+        .iter()
+        .map(|(_, reason)| fit(reason, DEPLOYMENT_ERROR_CHARS))
+        .collect();
     let statement = tx
         .prepare_cached(
             "UPDATE bots b SET status = 'FATAL', deployment_error = f.reason
@@ -76,7 +82,10 @@ pub async fn mark_fatal(
         )
         .await?;
     let rows = tx
-        .query(&statement, &[&ids, &reasons, &BotStatus::fatal_allowed_from()])
+        .query(
+            &statement,
+            &[&ids, &reasons, &BotStatus::fatal_allowed_from()],
+        )
         .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
@@ -146,10 +155,17 @@ pub async fn mark_silent_fatal(
         )
         .await?;
     let rows = tx
-        .query(&statement, &[&ids, &statuses, &secs(timeout), &timeout_text])
+        .query(
+            &statement,
+            &[&ids, &statuses, &secs(timeout), &timeout_text],
+        )
         .await?;
     Ok(rows
         .iter()
-        .map(|row| MarkedBot { id: row.get(0), reason: row.get(1), silent_since: row.get(2) })
+        .map(|row| MarkedBot {
+            id: row.get(0),
+            reason: row.get(1),
+            silent_since: row.get(2),
+        })
         .collect())
 }

@@ -37,7 +37,10 @@ impl From<tokio_postgres::Error> for StoreError {
 #[derive(Debug, Clone, Copy)]
 pub enum Rows<'a> {
     /// Candidates with an id greater than this, in id order, at most `limit` of them.
-    After { id: i32, limit: i64 },
+    After {
+        id: i32,
+        limit: i64,
+    },
     Ids(&'a [i32]),
 }
 

@@ -63,7 +63,8 @@ pub async fn claim_candidates(
                  ORDER BY s.id LIMIT $3 FOR UPDATE OF s SKIP LOCKED"
             );
             let statement = tx.prepare_cached(&sql).await?;
-            tx.query(&statement, &[&secs(deploy_timeout), &id, &limit]).await?
+            tx.query(&statement, &[&secs(deploy_timeout), &id, &limit])
+                .await?
         }
         Rows::Ids(ids) => {
             let sql = format!(
@@ -130,7 +131,9 @@ pub async fn mark_error(
              WHERE s.id = f.id",
         )
         .await?;
-    Ok(tx.execute(&statement, &[&ids, &reasons, &count_attempt]).await?)
+    Ok(tx
+        .execute(&statement, &[&ids, &reasons, &count_attempt])
+        .await?)
 }
 
 /// A deploying slot whose bot is already running is really busy.

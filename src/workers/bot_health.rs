@@ -34,8 +34,20 @@ pub struct BotHealthReport {
     pub resources_released: u64,
 }
 
+impl BotHealthReport {
+    fn is_idle(&self) -> bool {
+        self.marked_fatal == 0 && self.resources_released == 0
+    }
+}
+
 impl RunReport for BotHealthReport {
     fn log(&self, worker: &str, trigger: Trigger, elapsed: Duration) {
+        // A focused check that found nothing to do is the common case (every status change
+        // triggers one); it is logged at debug so the info log shows what matters.
+        if trigger == Trigger::Notify && self.is_idle() {
+            tracing::debug!(worker, %trigger, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "run found nothing to do");
+            return;
+        }
         info!(
             worker,
             %trigger,
@@ -61,7 +73,11 @@ impl BotHealth {
     }
 
     fn actor(&self, trigger: Trigger) -> Actor<'_> {
-        Actor { worker: Self::NAME, trigger, replica: &self.context.replica }
+        Actor {
+            worker: Self::NAME,
+            trigger,
+            replica: &self.context.replica,
+        }
     }
 
     /// Checks one batch; returns the ids that were checked.
@@ -74,7 +90,8 @@ impl BotHealth {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
         let watched = bots::heartbeat_watched(&tx, rows).await?;
-        let marked = bots::mark_silent_fatal(&tx, &watched, self.settings.heartbeat_timeout).await?;
+        let marked =
+            bots::mark_silent_fatal(&tx, &watched, self.settings.heartbeat_timeout).await?;
         let entries: Vec<AuditEntry> = marked
             .iter()
             .map(|bot| AuditEntry {
@@ -117,11 +134,12 @@ impl BotHealth {
             })
             .collect();
         let context = &self.context;
-        let mut outcomes =
-            context.platform.call_each(calls, context.concurrency, context.platform_budget).await;
+        let mut outcomes = context
+            .platform
+            .call_each(calls, context.concurrency, context.platform_budget)
+            .await;
 
-        let reasons: HashMap<i32, &str> =
-            marked.iter().map(|bot| (bot.id, bot.reason.as_str())).collect();
+        let by_id: HashMap<i32, &MarkedBot> = marked.iter().map(|bot| (bot.id, bot)).collect();
         let mut freed = Vec::new();
         let mut failed = Vec::new();
         let mut entries = Vec::new();
@@ -131,11 +149,15 @@ impl BotHealth {
                 deferred.extend(slot.assigned_bot_id);
                 continue;
             };
-            let bot_reason = slot.assigned_bot_id.and_then(|id| reasons.get(&id)).copied();
+            let bot = slot.assigned_bot_id.and_then(|id| by_id.get(&id));
             let (action, reason) = match outcome {
                 Ok(()) => {
                     freed.push(slot.id);
-                    (Action::ResourcesReleased, format!("bot FATAL: {}", bot_reason.unwrap_or("")))
+                    let why = bot.map_or("", |bot| bot.reason.as_str());
+                    (
+                        Action::ResourcesReleased,
+                        format!("slot of a FATAL bot stopped: {why}"),
+                    )
                 }
                 Err(error) => {
                     let reason = format!("releasing the slot of a FATAL bot failed: {error}");
@@ -148,7 +170,8 @@ impl BotHealth {
                 slot_id: Some(slot.id),
                 bot_id: slot.assigned_bot_id,
                 reason,
-                status_since: slot.status_since,
+                // The release answers the bot's silence, so it is timed from there.
+                status_since: bot.and_then(|bot| bot.silent_since),
             });
         }
 
@@ -169,8 +192,11 @@ impl BotHealth {
         // Out of time before these slots' calls: release them in a fresh batch.
         let mut released = freed.len() as u64;
         if !deferred.is_empty() {
-            let rest: Vec<MarkedBot> =
-                marked.iter().filter(|bot| deferred.contains(&bot.id)).cloned().collect();
+            let rest: Vec<MarkedBot> = marked
+                .iter()
+                .filter(|bot| deferred.contains(&bot.id))
+                .cloned()
+                .collect();
             released += Box::pin(self.release(&rest, trigger)).await?;
         }
         Ok(released)
@@ -188,7 +214,10 @@ impl Worker for BotHealth {
             Scope::Sweep => {
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let rows = Rows::After {
+                        id: after,
+                        limit: limit as i64,
+                    };
                     let checked = self.handle(rows, batch.trigger, &mut report).await?;
                     match checked.last() {
                         Some(&last) if checked.len() == limit => after = last,
@@ -198,7 +227,8 @@ impl Worker for BotHealth {
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report)
+                        .await?;
                 }
             }
         }

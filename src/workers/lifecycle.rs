@@ -35,7 +35,12 @@ pub fn start<W: Worker>(worker: W, timing: Timing) -> WorkerHandle<W::Report> {
     let inbox: Arc<WorkerInbox<W>> = Arc::default();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(drive(worker, inbox.clone(), timing, cancel.clone()));
-    WorkerHandle { name: W::NAME, inbox, cancel, task }
+    WorkerHandle {
+        name: W::NAME,
+        inbox,
+        cancel,
+        task,
+    }
 }
 
 impl<R: RunReport> WorkerHandle<R> {
@@ -51,7 +56,10 @@ impl<R: RunReport> WorkerHandle<R> {
     /// Runs a full sweep as soon as the run in flight, if any, has finished, and returns its
     /// counts.
     pub async fn run_now(&self) -> Result<R, RunError> {
-        self.inbox.request_manual().await.unwrap_or(Err(RunError::Stopped))
+        self.inbox
+            .request_manual()
+            .await
+            .unwrap_or(Err(RunError::Stopped))
     }
 
     /// Takes no new batch, lets the run in flight finish within `grace`, then cancels it.
@@ -66,7 +74,11 @@ impl<R: RunReport> WorkerHandle<R> {
             }
             Err(_) => {
                 task.abort();
-                warn!(worker = self.name, ?grace, "run still in flight after the grace period; cancelled");
+                warn!(
+                    worker = self.name,
+                    ?grace,
+                    "run still in flight after the grace period; cancelled"
+                );
                 false
             }
         }
@@ -86,7 +98,9 @@ async fn drive<W: Worker>(
         if !wait_until_ready(&inbox, last_run_end, timing, &cancel).await {
             return;
         }
-        let Some((batch, waiters)) = inbox.take() else { continue };
+        let Some((batch, waiters)) = inbox.take() else {
+            continue;
+        };
 
         let ids = match &batch.scope {
             Scope::Sweep => None,

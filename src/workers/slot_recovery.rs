@@ -36,8 +36,20 @@ pub struct SlotRecoveryReport {
     pub skipped: u64,
 }
 
+impl SlotRecoveryReport {
+    fn is_idle(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl RunReport for SlotRecoveryReport {
     fn log(&self, worker: &str, trigger: Trigger, elapsed: Duration) {
+        // A focused check that found nothing to do is the common case (every status change
+        // triggers one); it is logged at debug so the info log shows what matters.
+        if trigger == Trigger::Notify && self.is_idle() {
+            tracing::debug!(worker, %trigger, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "run found nothing to do");
+            return;
+        }
         info!(
             worker,
             %trigger,
@@ -68,7 +80,11 @@ pub enum Decision {
 pub fn decide(slot: &SlotRow, bot: Option<&BotRow>, max_attempts: i32) -> Decision {
     if slot.status == SlotStatus::Deploying {
         if let Some(bot) = bot.filter(|bot| bot.fresh && !bot.status.is_terminal()) {
-            return if bot.status.is_past_deploying() { Decision::MarkBusy } else { Decision::Skip };
+            return if bot.status.is_past_deploying() {
+                Decision::MarkBusy
+            } else {
+                Decision::Skip
+            };
         }
     }
     if slot.recovery_attempts >= max_attempts {
@@ -138,7 +154,11 @@ impl SlotRecovery {
         slots::mark_busy(&tx, &writes.busy).await?;
         slots::delete(&tx, &writes.deleted).await?;
         let entries = writes.audit_entries(&fatal);
-        let actor = Actor { worker: Self::NAME, trigger, replica: &self.context.replica };
+        let actor = Actor {
+            worker: Self::NAME,
+            trigger,
+            replica: &self.context.replica,
+        };
         audit::record(&tx, actor, &entries).await?;
         tx.commit().await?;
 
@@ -155,7 +175,10 @@ impl SlotRecovery {
         report.failed += (writes.failed.len() + writes.delete_failed.len()) as u64;
         report.deleted += writes.deleted.len() as u64;
         report.skipped += writes.skipped + writes.busy.len() as u64;
-        Ok(Handled { claimed: claimed.iter().map(|slot| slot.id).collect(), deferred: writes.deferred })
+        Ok(Handled {
+            claimed: claimed.iter().map(|slot| slot.id).collect(),
+            deferred: writes.deferred,
+        })
     }
 
     /// Stops or deletes the applications, concurrently up to the platform's limit. Each slot
@@ -169,11 +192,18 @@ impl SlotRecovery {
                     Decision::Delete => Operation::Delete,
                     Decision::Skip | Decision::MarkBusy => return None,
                 };
-                Some(SlotCall { slot_id: slot.id, operation, uuid: slot.coolify_service_uuid.clone() })
+                Some(SlotCall {
+                    slot_id: slot.id,
+                    operation,
+                    uuid: slot.coolify_service_uuid.clone(),
+                })
             })
             .collect();
         let context = &self.context;
-        context.platform.call_each(calls, context.concurrency, context.platform_budget).await
+        context
+            .platform
+            .call_each(calls, context.concurrency, context.platform_budget)
+            .await
     }
 }
 
@@ -236,10 +266,15 @@ impl Writes {
             };
 
             if let Some(bot) = slot.assigned_bot_id.and_then(|id| bots.get(&id)) {
-                if bot.status.worker_may_move_to(&crate::status::BotStatus::Fatal) {
+                if bot
+                    .status
+                    .worker_may_move_to(&crate::status::BotStatus::Fatal)
+                {
                     let reason = format!("slot recovery: {why}");
                     writes.fatal.push((bot.id, reason.clone()));
-                    writes.fatal_context.insert(bot.id, entry(Action::BotMarkedFatal, reason));
+                    writes
+                        .fatal_context
+                        .insert(bot.id, entry(Action::BotMarkedFatal, reason));
                 }
             }
 
@@ -252,18 +287,24 @@ impl Writes {
                     let attempt = slot.recovery_attempts + 1;
                     let reason = format!("recovery attempt {attempt} failed: {error}");
                     writes.failed.push((slot.id, reason.clone()));
-                    writes.entries.push(entry(Action::SlotRecoveryFailed, reason));
+                    writes
+                        .entries
+                        .push(entry(Action::SlotRecoveryFailed, reason));
                 }
                 (Decision::Delete, Ok(())) => {
                     writes.deleted.push(slot.id);
-                    let reason =
-                        format!("deleted after {} failed recovery attempts", slot.recovery_attempts);
+                    let reason = format!(
+                        "deleted after {} failed recovery attempts",
+                        slot.recovery_attempts
+                    );
                     writes.entries.push(entry(Action::SlotDeleted, reason));
                 }
                 (Decision::Delete, Err(error)) => {
                     let reason = format!("delete failed, will retry: {error}");
                     writes.delete_failed.push((slot.id, reason.clone()));
-                    writes.entries.push(entry(Action::SlotRecoveryFailed, reason));
+                    writes
+                        .entries
+                        .push(entry(Action::SlotRecoveryFailed, reason));
                 }
                 (Decision::Skip | Decision::MarkBusy, _) => unreachable!("handled above"),
             }
@@ -273,8 +314,10 @@ impl Writes {
 
     /// The audit entries, with a FATAL entry only for bots the guarded write really changed.
     fn audit_entries(&self, fatal: &[i32]) -> Vec<AuditEntry> {
-        let mut entries: Vec<AuditEntry> =
-            fatal.iter().filter_map(|id| self.fatal_context.get(id).cloned()).collect();
+        let mut entries: Vec<AuditEntry> = fatal
+            .iter()
+            .filter_map(|id| self.fatal_context.get(id).cloned())
+            .collect();
         entries.extend(self.entries.iter().cloned());
         entries
     }
@@ -307,7 +350,10 @@ impl Worker for SlotRecovery {
             Scope::Sweep => {
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let rows = Rows::After {
+                        id: after,
+                        limit: limit as i64,
+                    };
                     let handled = self.handle(rows, batch.trigger, &mut report).await?;
                     deferred.extend(handled.deferred);
                     match handled.claimed.last() {
@@ -318,7 +364,9 @@ impl Worker for SlotRecovery {
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    let handled = self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                    let handled = self
+                        .handle(Rows::Ids(chunk), batch.trigger, &mut report)
+                        .await?;
                     deferred.extend(handled.deferred);
                 }
             }
@@ -326,7 +374,9 @@ impl Worker for SlotRecovery {
         // Every round makes progress: the calls started within a batch's budget get outcomes.
         while !deferred.is_empty() {
             let chunk: Vec<i32> = deferred.drain(..deferred.len().min(limit)).collect();
-            let handled = self.handle(Rows::Ids(&chunk), batch.trigger, &mut report).await?;
+            let handled = self
+                .handle(Rows::Ids(&chunk), batch.trigger, &mut report)
+                .await?;
             deferred.extend(handled.deferred);
         }
         Ok(report)

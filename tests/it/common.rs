@@ -1,0 +1,194 @@
+//! Shared by every integration test: a fresh database per test on the server given by
+//! `DATABASE_URL` (default: the local one), with the worker's migrations applied, dropped
+//! again when the test ends. Tests therefore run in parallel without seeing each other.
+
+#![allow(dead_code)] // Each test module uses a different subset of these helpers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use milo_workers::config::Settings;
+use milo_workers::daemon::{self, Daemon, Options};
+use milo_workers::db;
+use milo_workers::platform::SimulatedPlatform;
+use tokio_postgres::{Client, NoTls};
+
+pub const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Generous bound for "eventually" checks: long enough for a loaded CI machine, and only
+/// reached when the behaviour under test is broken. Not a timing assertion.
+pub const EVENTUALLY: Duration = Duration::from_secs(20);
+
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_SERVER.to_owned())
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = url
+        .parse::<tokio_postgres::Config>()
+        .expect("valid url")
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", db::redact_url(url)));
+    tokio::spawn(connection);
+    client
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates the database and applies the migrations (which also create milo's tables).
+    pub async fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "mw_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let admin = connect(&server_url()).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let url = db::with_database(&server_url(), &name);
+
+        let pool = daemon::pool(&url, &Settings::default()).expect("pool");
+        daemon::migrate(&pool).await.expect("migrations apply");
+        pool.close();
+        Self { name, url }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async context; a short-lived runtime on its own thread does it.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            runtime.expect("runtime").block_on(async move {
+                let admin = connect(&server_url()).await;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// Settings for tests: the tick off (so that only the path under test acts), quick timeouts.
+pub fn settings() -> Settings {
+    Settings {
+        sweep_interval: Duration::ZERO,
+        sweep_on_start: false,
+        platform_timeout: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+/// Starts the daemon on `db` and waits until its listener has subscribed.
+pub async fn start(db: &TestDb, settings: Settings, platform: &SimulatedPlatform) -> Daemon {
+    let mut options = Options::new(&db.url, settings, Arc::new(platform.clone()));
+    options.migrate = false;
+    let daemon = daemon::start(options).await.expect("daemon starts");
+    let listener = daemon.listener.clone();
+    eventually("the listener subscribes", || {
+        let listener = listener.clone();
+        async move { listener.is_connected() }
+    })
+    .await;
+    daemon
+}
+
+/// Polls `check` until it holds, panicking with `what` after [`EVENTUALLY`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Inserts a bot; `heartbeat_age_secs` None leaves `last_heartbeat` NULL.
+pub async fn insert_bot(client: &Client, status: &str, heartbeat_age_secs: Option<f64>) -> i32 {
+    client
+        .query_one(
+            "INSERT INTO bots (status, last_heartbeat)
+             VALUES ($1, timezone('UTC', now()) - make_interval(secs => $2))
+             RETURNING id",
+            &[&status, &heartbeat_age_secs],
+        )
+        .await
+        .expect("insert bot")
+        .get(0)
+}
+
+/// Inserts a slot with application `app-<name>`; `used_age_secs` sets `last_used_at` that far
+/// in the past.
+pub async fn insert_slot(
+    client: &Client,
+    name: &str,
+    status: &str,
+    bot: Option<i32>,
+    used_age_secs: f64,
+) -> i32 {
+    client
+        .query_one(
+            "INSERT INTO bot_pool_slots
+                 (coolify_service_uuid, slot_name, status, assigned_bot_id, last_used_at)
+             VALUES ('app-' || $1, $1, $2, $3,
+                     timezone('UTC', now()) - make_interval(secs => $4))
+             RETURNING id",
+            &[&name, &status, &bot, &used_age_secs],
+        )
+        .await
+        .expect("insert slot")
+        .get(0)
+}
+
+pub async fn slot_status(client: &Client, id: i32) -> Option<String> {
+    client
+        .query_opt("SELECT status FROM bot_pool_slots WHERE id = $1", &[&id])
+        .await
+        .expect("query slot")
+        .map(|row| row.get(0))
+}
+
+pub async fn bot_status(client: &Client, id: i32) -> String {
+    client.query_one("SELECT status FROM bots WHERE id = $1", &[&id]).await.expect("bot").get(0)
+}
+
+/// `(action, trigger)` of every audit entry about this slot, oldest first.
+pub async fn slot_audit(client: &Client, slot: i32) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT action, trigger FROM milo_workers.audit_log WHERE slot_id = $1 ORDER BY id",
+            &[&slot],
+        )
+        .await
+        .expect("audit")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}

@@ -1,0 +1,5 @@
+//! Integration tests against a real PostgreSQL server, one fresh database per test.
+//! `DATABASE_URL` names the server (default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+mod common;
+mod end_to_end;
