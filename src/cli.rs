@@ -138,6 +138,10 @@ fn probability(text: &str) -> Result<f64, String> {
 }
 
 impl WorkerArgs {
+    /// Waits before the 1st, 2nd, ... retry of a failed recovery; the last one repeats.
+    #[arg(long, env = "MILO_WORKERS_RETRY_BACKOFF", default_value = "30s,2m,5m",
+          value_delimiter = ',', value_parser = duration)]
+    pub retry_backoff: Vec<Duration>,
     pub fn settings(&self) -> Settings {
         Settings {
             sweep_interval: self.sweep_interval,
@@ -191,6 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             daemon.stop().await;
             Ok(())
         }
+                retry_backoff: self.retry_backoff.clone(),
         Command::Sweep(args) => sweep(&url, args).await,
         Command::Demo(args) => demo::run(&url, args).await,
     }

@@ -54,6 +54,21 @@ pub struct SlotRecoverySettings {
     pub heartbeat_freshness: Duration,
     /// After this many failed recoveries the slot's application and row are deleted.
     pub max_recovery_attempts: i32,
+    /// Wait before the n-th retry of a failed recovery; the last entry repeats (it also spaces
+    /// retries of a failed delete).
+    pub retry_backoff: Vec<Duration>,
+}
+
+impl SlotRecoverySettings {
+    /// The wait before retrying a slot that has failed `attempts` times.
+    pub fn retry_delay(&self, attempts: i32) -> Duration {
+        let index = usize::try_from(attempts.max(1) - 1).unwrap_or(0);
+        self.retry_backoff
+            .get(index)
+            .or(self.retry_backoff.last())
+            .copied()
+            .unwrap_or(Duration::ZERO)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +101,11 @@ impl Default for SlotRecoverySettings {
             deploy_timeout: Duration::from_secs(15 * 60),
             heartbeat_freshness: Duration::from_secs(5 * 60),
             max_recovery_attempts: 3,
+            retry_backoff: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+                Duration::from_secs(300),
+            ],
         }
     }
 }
@@ -95,5 +115,22 @@ impl Default for BotHealthSettings {
         Self {
             heartbeat_timeout: Duration::from_secs(10 * 60),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_along_the_schedule_and_repeat_its_last_step() {
+        let slots = SlotRecoverySettings::default();
+        let delays: Vec<u64> = (1..=5).map(|n| slots.retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [30, 120, 300, 300, 300]);
+        let none = SlotRecoverySettings {
+            retry_backoff: vec![],
+            ..slots
+        };
+        assert_eq!(none.retry_delay(2), Duration::ZERO);
     }
 }

@@ -45,6 +45,7 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
             deploy_timeout: Duration::from_secs(6),
             heartbeat_freshness: Duration::from_secs(3),
             max_recovery_attempts: 3,
+            retry_backoff: vec![Duration::from_millis(500), Duration::from_secs(1)],
         },
         bots: BotHealthSettings {
             heartbeat_timeout: Duration::from_secs(4),

@@ -20,6 +20,8 @@ pub enum Scope {
     Sweep,
     /// Just these rows, because they changed.
     Ids(Vec<i32>),
+    /// The rows whose deadline has passed: the worker finds them with its deadline query.
+    Due,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,8 @@ struct Pending<R, E> {
     first_at: Option<Instant>,
     /// After a failed run: nothing runs before this.
     not_before: Option<Instant>,
+    /// When the worker's earliest watched row can next become actionable.
+    deadline: Option<Instant>,
 }
 
 impl<R, E> Pending<R, E> {
@@ -93,6 +97,7 @@ impl<R, E> Default for Inbox<R, E> {
                 waiters: Vec::new(),
                 first_at: None,
                 not_before: None,
+                deadline: None,
             }),
             wake: Notify::new(),
         }
@@ -148,9 +153,27 @@ impl<R, E> Inbox<R, E> {
         self.wake.notified()
     }
 
+    /// Sets (or clears) the moment the worker next has a deadline to check.
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        self.lock().deadline = deadline;
+        self.wake.notify_one();
+    }
+
     /// When the next batch should start, given when the last run ended; `None` when idle.
     pub fn ready_at(&self, last_run_end: Option<Instant>, timing: Timing) -> Option<Instant> {
         let pending = self.lock();
+        let work = Self::work_ready_at(&pending, last_run_end, timing);
+        match (work, pending.deadline) {
+            (Some(work), Some(deadline)) => Some(work.min(deadline)),
+            (work, deadline) => work.or(deadline),
+        }
+    }
+
+    fn work_ready_at(
+        pending: &Pending<R, E>,
+        last_run_end: Option<Instant>,
+        timing: Timing,
+    ) -> Option<Instant> {
         if pending.is_empty() {
             return None;
         }
@@ -174,9 +197,21 @@ impl<R, E> Inbox<R, E> {
         )
     }
 
-    /// Takes everything pending as one batch. A pending sweep covers the pending ids too.
+    /// Takes everything pending as one batch. A pending sweep covers the pending ids and any
+    /// deadline too; a deadline that has passed goes before pending ids, which then follow.
     pub fn take(&self) -> Option<(Batch, Vec<Waiter<R, E>>)> {
         let mut pending = self.lock();
+        let deadline_passed = pending.deadline.is_some_and(|at| at <= Instant::now());
+        if pending.sweep.is_none() && deadline_passed {
+            pending.deadline = None;
+            return Some((
+                Batch {
+                    trigger: Trigger::Deadline,
+                    scope: Scope::Due,
+                },
+                Vec::new(),
+            ));
+        }
         if pending.is_empty() {
             return None;
         }
@@ -186,6 +221,7 @@ impl<R, E> Inbox<R, E> {
         let batch = match pending.sweep.take() {
             Some(trigger) => {
                 pending.ids.clear();
+                pending.deadline = None;
                 Batch::sweep(trigger)
             }
             None => {
@@ -314,6 +350,32 @@ mod tests {
 
         assert_eq!(inbox.ready_at(None, TIMING), Some(retry_at));
         assert_eq!(inbox.take().unwrap().0, Batch::sweep(Trigger::Resync));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_deadline_becomes_a_due_check_before_pending_ids() {
+        let inbox = TestInbox::default();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        inbox.set_deadline(Some(deadline));
+        assert_eq!(inbox.ready_at(None, TIMING), Some(deadline));
+        assert!(inbox.take().is_none(), "nothing is due before the deadline");
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        inbox.add_ids([5], Trigger::Notify);
+
+        let (first, _) = inbox.take().unwrap();
+        assert_eq!(
+            first,
+            Batch {
+                trigger: Trigger::Deadline,
+                scope: Scope::Due
+            }
+        );
+        assert_eq!(
+            inbox.take().unwrap().0,
+            Batch::ids(Trigger::Notify, vec![5])
+        );
+        assert_eq!(inbox.ready_at(None, TIMING), None);
     }
 
     #[tokio::test(start_paused = true)]

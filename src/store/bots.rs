@@ -169,3 +169,56 @@ pub async fn mark_silent_fatal(
         })
         .collect())
 }
+
+/// [`HEARTBEAT_STATUSES`] as an SQL list. Written out literally so that the planner can match
+/// it against the partial index `bot_status_since_watched` (sql/V2), which a bound array
+/// parameter would not.
+const WATCHED_SQL: &str = "('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')";
+
+/// Seconds from now (by the database clock) until the first watched bot can become silent
+/// for longer than `timeout`; negative if one already is, `None` if no bot is watched.
+pub async fn next_deadline(
+    tx: &Transaction<'_>,
+    timeout: Duration,
+) -> Result<Option<f64>, StoreError> {
+    let sql = format!(
+        "SELECT extract(epoch FROM min(coalesce(b.last_heartbeat, ss.since))
+                                   + make_interval(secs => $1) - timezone('UTC', now()))::float8
+         FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
+         WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    Ok(tx.query_one(&statement, &[&secs(timeout)]).await?.get(0))
+}
+
+/// Watched bots already silent for longer than `timeout`, found through the same index.
+pub async fn due(
+    tx: &Transaction<'_>,
+    timeout: Duration,
+    limit: i64,
+) -> Result<Vec<i32>, StoreError> {
+    let sql = format!(
+        "SELECT b.id FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
+         WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}
+           AND coalesce(b.last_heartbeat, ss.since)
+               < timezone('UTC', now()) - make_interval(secs => $1)
+         ORDER BY b.id LIMIT $2"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    let rows = tx.query(&statement, &[&secs(timeout), &limit]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_literal_watched_list_matches_the_status_table() {
+        let listed: Vec<String> = HEARTBEAT_STATUSES
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(WATCHED_SQL, format!("({})", listed.join(", ")));
+    }
+}

@@ -26,8 +26,11 @@ pub struct SlotRow {
     pub status_since: Option<SystemTime>,
 }
 
-/// Slots in `error`, and slots `deploying` for longer than the deploy timeout.
-const CANDIDATE: &str = "(s.status = 'error'
+/// Slots in `error` (unless a failed recovery's retry is not yet due), and slots `deploying`
+/// for longer than the deploy timeout.
+const CANDIDATE: &str = "((s.status = 'error'
+       AND NOT EXISTS (SELECT 1 FROM milo_workers.slot_retry r
+                       WHERE r.slot_id = s.id AND r.not_before > timezone('UTC', now())))
       OR (s.status = 'deploying'
           AND coalesce(s.last_used_at, ss.since, timezone('UTC', now()))
               < timezone('UTC', now()) - make_interval(secs => $1)))";
@@ -95,45 +98,70 @@ pub async fn claim_held_by(
     Ok(found.iter().map(slot_row).collect())
 }
 
-/// Returns claimed slots to the pool: idle, unassigned, attempts reset.
+/// Returns claimed slots to the pool: idle, unassigned, attempts reset, no retry pending.
 pub async fn reset_to_idle(tx: &Transaction<'_>, ids: &[i32]) -> Result<u64, StoreError> {
     if ids.is_empty() {
         return Ok(0);
     }
     let statement = tx
         .prepare_cached(
-            "UPDATE bot_pool_slots
-             SET status = 'idle', assigned_bot_id = NULL, error_message = NULL,
-                 recovery_attempts = 0, last_used_at = timezone('UTC', now())
-             WHERE id = ANY($1)",
+            "WITH reset AS (
+                 UPDATE bot_pool_slots
+                 SET status = 'idle', assigned_bot_id = NULL, error_message = NULL,
+                     recovery_attempts = 0, last_used_at = timezone('UTC', now())
+                 WHERE id = ANY($1) RETURNING id
+             ), forgotten AS (
+                 DELETE FROM milo_workers.slot_retry WHERE slot_id IN (SELECT id FROM reset)
+             )
+             SELECT count(*) FROM reset",
         )
         .await?;
-    Ok(tx.execute(&statement, &[&ids]).await?)
+    let reset: i64 = tx.query_one(&statement, &[&ids]).await?.get(0);
+    Ok(reset as u64)
 }
 
-/// Leaves claimed slots in `error` with the reason; `count_attempt` adds one failed recovery.
+/// A slot left in `error`: why, and when it may be tried again.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub slot_id: i32,
+    pub reason: String,
+    pub retry_in: Duration,
+}
+
+/// Leaves claimed slots in `error` with the reason and the time of their next attempt;
+/// `count_attempt` adds one failed recovery.
 pub async fn mark_error(
     tx: &Transaction<'_>,
-    failures: &[(i32, String)],
+    failures: &[Failure],
     count_attempt: bool,
 ) -> Result<u64, StoreError> {
     if failures.is_empty() {
         return Ok(0);
     }
-    let ids: Vec<i32> = failures.iter().map(|(id, _)| *id).collect();
-    let reasons: Vec<&str> = failures.iter().map(|(_, reason)| reason.as_str()).collect();
+    let ids: Vec<i32> = failures.iter().map(|f| f.slot_id).collect();
+    let reasons: Vec<&str> = failures.iter().map(|f| f.reason.as_str()).collect();
+    let delays: Vec<f64> = failures.iter().map(|f| secs(f.retry_in)).collect();
     let statement = tx
         .prepare_cached(
-            "UPDATE bot_pool_slots s
-             SET status = 'error', error_message = f.reason,
-                 recovery_attempts = s.recovery_attempts + CASE WHEN $3 THEN 1 ELSE 0 END
-             FROM unnest($1::int4[], $2::text[]) AS f(id, reason)
-             WHERE s.id = f.id",
+            "WITH failed AS (
+                 UPDATE bot_pool_slots s
+                 SET status = 'error', error_message = f.reason,
+                     recovery_attempts = s.recovery_attempts + CASE WHEN $4 THEN 1 ELSE 0 END
+                 FROM unnest($1::int4[], $2::text[], $3::float8[]) AS f(id, reason, delay)
+                 WHERE s.id = f.id
+                 RETURNING s.id, f.delay
+             ), scheduled AS (
+                 INSERT INTO milo_workers.slot_retry (slot_id, not_before)
+                 SELECT id, timezone('UTC', now()) + make_interval(secs => delay) FROM failed
+                 ON CONFLICT (slot_id) DO UPDATE SET not_before = EXCLUDED.not_before
+             )
+             SELECT count(*) FROM failed",
         )
         .await?;
-    Ok(tx
-        .execute(&statement, &[&ids, &reasons, &count_attempt])
-        .await?)
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&ids, &reasons, &delays, &count_attempt];
+    let failed: i64 = tx.query_one(&statement, &params).await?.get(0);
+    Ok(failed as u64)
 }
 
 /// A deploying slot whose bot is already running is really busy.
@@ -159,10 +187,69 @@ pub async fn delete(tx: &Transaction<'_>, ids: &[i32]) -> Result<u64, StoreError
         .prepare_cached(
             "WITH gone AS (DELETE FROM bot_pool_slots WHERE id = ANY($1) RETURNING id),
                   forgotten AS (DELETE FROM milo_workers.slot_status_since
-                                WHERE slot_id IN (SELECT id FROM gone))
+                                WHERE slot_id IN (SELECT id FROM gone)),
+                  unscheduled AS (DELETE FROM milo_workers.slot_retry
+                                  WHERE slot_id IN (SELECT id FROM gone))
              SELECT count(*) FROM gone",
         )
         .await?;
     let deleted: i64 = tx.query_one(&statement, &[&ids]).await?.get(0);
     Ok(deleted as u64)
+}
+
+/// When each watched slot can next need SlotRecovery (UTC wall clock): a deploying slot at its
+/// deploy timeout, or when its heartbeating bot stops counting as fresh, whichever is later; an
+/// error slot when its retry is due, or now.
+const SLOT_DEADLINES: &str = "
+    SELECT s.id,
+           greatest(coalesce(s.last_used_at, ss.since) + make_interval(secs => $1),
+                    b.last_heartbeat + make_interval(secs => $2)) AS due_at
+    FROM milo_workers.slot_status_since ss
+    JOIN bot_pool_slots s ON s.id = ss.slot_id
+    LEFT JOIN bots b ON b.id = s.assigned_bot_id
+    WHERE ss.status IN ('deploying', 'error') AND s.status = 'deploying'
+    UNION ALL
+    SELECT s.id, coalesce(r.not_before, timezone('UTC', now())) AS due_at
+    FROM milo_workers.slot_status_since ss
+    JOIN bot_pool_slots s ON s.id = ss.slot_id
+    LEFT JOIN milo_workers.slot_retry r ON r.slot_id = s.id
+    WHERE ss.status IN ('deploying', 'error') AND s.status = 'error'";
+
+/// Seconds from now until the first watched slot needs SlotRecovery; negative if one does
+/// already, `None` if no slot is watched.
+pub async fn next_deadline(
+    tx: &Transaction<'_>,
+    deploy_timeout: Duration,
+    freshness: Duration,
+) -> Result<Option<f64>, StoreError> {
+    let sql = format!(
+        "SELECT extract(epoch FROM min(due_at) - timezone('UTC', now()))::float8
+         FROM ({SLOT_DEADLINES}) d"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    let row = tx
+        .query_one(&statement, &[&secs(deploy_timeout), &secs(freshness)])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Watched slots whose deadline has passed.
+pub async fn due(
+    tx: &Transaction<'_>,
+    deploy_timeout: Duration,
+    freshness: Duration,
+    limit: i64,
+) -> Result<Vec<i32>, StoreError> {
+    let sql = format!(
+        "SELECT id FROM ({SLOT_DEADLINES}) d WHERE due_at <= timezone('UTC', now())
+         ORDER BY id LIMIT $3"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    let rows = tx
+        .query(
+            &statement,
+            &[&secs(deploy_timeout), &secs(freshness), &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }

@@ -23,7 +23,8 @@ use crate::pipeline::{Batch, Scope};
 use crate::platform::{Operation, SlotCall};
 use crate::store::audit::{self, Actor};
 use crate::store::bots::{self, MarkedBot};
-use crate::store::{slots, Action, AuditEntry, Rows, Trigger};
+use crate::store::slots::{self, Failure};
+use crate::store::{Action, AuditEntry, Rows, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct BotHealthReport {
@@ -161,7 +162,13 @@ impl BotHealth {
                 }
                 Err(error) => {
                     let reason = format!("releasing the slot of a FATAL bot failed: {error}");
-                    failed.push((slot.id, reason.clone()));
+                    // Handed to SlotRecovery at once: no retry delay.
+                    let retry_in = Duration::ZERO;
+                    failed.push(Failure {
+                        slot_id: slot.id,
+                        reason: reason.clone(),
+                        retry_in,
+                    });
                     (Action::ReleaseFailed, reason)
                 }
             };
@@ -214,10 +221,7 @@ impl Worker for BotHealth {
             Scope::Sweep => {
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After {
-                        id: after,
-                        limit: limit as i64,
-                    };
+                    let rows = Rows::After { id: after, limit: limit as i64 };
                     let checked = self.handle(rows, batch.trigger, &mut report).await?;
                     match checked.last() {
                         Some(&last) if checked.len() == limit => after = last,
@@ -227,11 +231,29 @@ impl Worker for BotHealth {
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report)
-                        .await?;
+                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
                 }
+            }
+            Scope::Due => {
+                let due = {
+                    let mut client = self.context.pool.get().await?;
+                    let tx = client.transaction().await?;
+                    let timeout = self.settings.heartbeat_timeout;
+                    let due = bots::due(&tx, timeout, limit as i64).await?;
+                    tx.commit().await?;
+                    due
+                };
+                self.handle(Rows::Ids(&due), batch.trigger, &mut report).await?;
             }
         }
         Ok(report)
+    }
+
+    async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let deadline = bots::next_deadline(&tx, self.settings.heartbeat_timeout).await?;
+        tx.commit().await?;
+        Ok(deadline)
     }
 }

@@ -19,6 +19,8 @@ use crate::util::ErrorChain;
 /// Retry delay after a failed run: doubles from the first to the last, then stays.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Earliest re-check of a deadline that has already passed.
+const DUE_AGAIN: Duration = Duration::from_secs(1);
 
 pub type WorkerInbox<W> = Inbox<<W as Worker>::Report, RunError>;
 
@@ -103,7 +105,7 @@ async fn drive<W: Worker>(
         };
 
         let ids = match &batch.scope {
-            Scope::Sweep => None,
+            Scope::Sweep | Scope::Due => None,
             Scope::Ids(ids) => Some(ids.len()),
         };
         let span = info_span!("run", worker = W::NAME, trigger = %batch.trigger, ids);
@@ -119,6 +121,7 @@ async fn drive<W: Worker>(
                     failures = 0;
                 }
                 report.log(W::NAME, batch.trigger, started.elapsed());
+                schedule_deadline(&worker, &inbox).await;
             }
             Err(e) => {
                 failures += 1;
@@ -131,12 +134,36 @@ async fn drive<W: Worker>(
                 } else {
                     tracing::debug!(error = %ErrorChain(e), failures, ?retry_in, "run failed again");
                 }
+                inbox.set_deadline(None);
                 inbox.retry_sweep_after(Instant::now() + retry_in);
             }
         }
         for waiter in waiters {
             // The caller may have given up waiting; that is fine.
             let _ = waiter.send(outcome.clone());
+        }
+    }
+}
+
+/// Asks the worker when its next deadline is, and arms the inbox for it. A deadline that has
+/// already passed (a due row the last run could not act on, say because another replica held
+/// it) is retried after [`DUE_AGAIN`] rather than at once, so it cannot spin.
+async fn schedule_deadline<W: Worker>(worker: &W, inbox: &WorkerInbox<W>) {
+    match worker.next_deadline().await {
+        Ok(Some(seconds)) => {
+            let wait = if seconds > 0.0 {
+                Duration::from_secs_f64(seconds)
+            } else {
+                DUE_AGAIN
+            };
+            tracing::debug!(?wait, "next deadline");
+            inbox.set_deadline(Some(Instant::now() + wait));
+        }
+        Ok(None) => inbox.set_deadline(None),
+        Err(e) => {
+            // The tick still covers everything; the next successful run sets a deadline again.
+            warn!(error = %ErrorChain(&e), "could not compute the next deadline");
+            inbox.set_deadline(None);
         }
     }
 }

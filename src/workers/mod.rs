@@ -67,6 +67,11 @@ pub trait Worker: Send + Sync + 'static {
     const NAME: &'static str;
 
     fn run(&self, batch: &Batch) -> impl Future<Output = Result<Self::Report, RunError>> + Send;
+
+    /// How long from now until the earliest watched row can next become actionable: one cheap
+    /// indexed query, asked after every run. `None` when nothing is watched; zero or less when
+    /// something is due already.
+    fn next_deadline(&self) -> impl Future<Output = Result<Option<f64>, RunError>> + Send;
 }
 
 /// What both workers share.

@@ -20,7 +20,7 @@ use crate::platform::{Operation, PlatformError, SlotCall};
 use crate::status::SlotStatus;
 use crate::store::audit::{self, Actor};
 use crate::store::bots::{self, BotRow};
-use crate::store::slots::{self, SlotRow};
+use crate::store::slots::{self, Failure, SlotRow};
 use crate::store::{Action, AuditEntry, Rows, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -214,8 +214,8 @@ type Outcomes = HashMap<i32, Option<Result<(), PlatformError>>>;
 struct Writes {
     fatal: Vec<(i32, String)>,
     recovered: Vec<i32>,
-    failed: Vec<(i32, String)>,
-    delete_failed: Vec<(i32, String)>,
+    failed: Vec<Failure>,
+    delete_failed: Vec<Failure>,
     deleted: Vec<i32>,
     busy: Vec<i32>,
     skipped: u64,
@@ -286,7 +286,12 @@ impl Writes {
                 (Decision::Recover, Err(error)) => {
                     let attempt = slot.recovery_attempts + 1;
                     let reason = format!("recovery attempt {attempt} failed: {error}");
-                    writes.failed.push((slot.id, reason.clone()));
+                    let retry_in = settings.retry_delay(attempt);
+                    writes.failed.push(Failure {
+                        slot_id: slot.id,
+                        reason: reason.clone(),
+                        retry_in,
+                    });
                     writes
                         .entries
                         .push(entry(Action::SlotRecoveryFailed, reason));
@@ -301,7 +306,12 @@ impl Writes {
                 }
                 (Decision::Delete, Err(error)) => {
                     let reason = format!("delete failed, will retry: {error}");
-                    writes.delete_failed.push((slot.id, reason.clone()));
+                    let retry_in = settings.retry_delay(slot.recovery_attempts);
+                    writes.delete_failed.push(Failure {
+                        slot_id: slot.id,
+                        reason: reason.clone(),
+                        retry_in,
+                    });
                     writes
                         .entries
                         .push(entry(Action::SlotRecoveryFailed, reason));
@@ -350,10 +360,7 @@ impl Worker for SlotRecovery {
             Scope::Sweep => {
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After {
-                        id: after,
-                        limit: limit as i64,
-                    };
+                    let rows = Rows::After { id: after, limit: limit as i64 };
                     let handled = self.handle(rows, batch.trigger, &mut report).await?;
                     deferred.extend(handled.deferred);
                     match handled.claimed.last() {
@@ -364,21 +371,39 @@ impl Worker for SlotRecovery {
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    let handled = self
-                        .handle(Rows::Ids(chunk), batch.trigger, &mut report)
-                        .await?;
+                    let handled = self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
                     deferred.extend(handled.deferred);
                 }
+            }
+            Scope::Due => {
+                let due = {
+                    let mut client = self.context.pool.get().await?;
+                    let tx = client.transaction().await?;
+                    let (deploy, fresh) =
+                        (self.settings.deploy_timeout, self.settings.heartbeat_freshness);
+                    let due = slots::due(&tx, deploy, fresh, limit as i64).await?;
+                    tx.commit().await?;
+                    due
+                };
+                let handled = self.handle(Rows::Ids(&due), batch.trigger, &mut report).await?;
+                deferred.extend(handled.deferred);
             }
         }
         // Every round makes progress: the calls started within a batch's budget get outcomes.
         while !deferred.is_empty() {
             let chunk: Vec<i32> = deferred.drain(..deferred.len().min(limit)).collect();
-            let handled = self
-                .handle(Rows::Ids(&chunk), batch.trigger, &mut report)
-                .await?;
+            let handled = self.handle(Rows::Ids(&chunk), batch.trigger, &mut report).await?;
             deferred.extend(handled.deferred);
         }
         Ok(report)
+    }
+
+    async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (deploy, fresh) = (self.settings.deploy_timeout, self.settings.heartbeat_freshness);
+        let deadline = slots::next_deadline(&tx, deploy, fresh).await?;
+        tx.commit().await?;
+        Ok(deadline)
     }
 }
