@@ -87,7 +87,8 @@ impl Drop for TestDb {
     }
 }
 
-/// Settings for tests: the tick off (so that only the path under test acts), quick timeouts.
+/// Settings for tests: the tick off (so that only the path under test acts), quick timeouts,
+/// and failed recoveries retried without delay (tests of the backoff set their own).
 pub fn settings() -> Settings {
     Settings {
         sweep_interval: Duration::ZERO,
@@ -95,7 +96,9 @@ pub fn settings() -> Settings {
         platform_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
         ..Settings::default()
-    }
+    };
+    settings.slots.retry_backoff = vec![Duration::ZERO];
+    settings
 }
 
 /// Starts the daemon on `db` and waits until its listener has subscribed.

@@ -2,4 +2,6 @@
 //! `DATABASE_URL` names the server (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 mod common;
+mod coolify;
+mod deadlines;
 mod end_to_end;
