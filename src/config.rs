@@ -75,6 +75,12 @@ impl SlotRecoverySettings {
 pub struct BotHealthSettings {
     /// An active bot silent for longer than this is dead.
     pub heartbeat_timeout: Duration,
+    /// Most bots one run may mark FATAL. Hitting it is logged as an error: a fleet-wide
+    /// silence is likelier a broken heartbeat path than that many simultaneous crashes.
+    pub max_fatal_per_run: usize,
+    /// Judge no bot on evidence older than this process's own uninterrupted view of the
+    /// database (see `BotHealth`). Off only where an operator asks for a one-off sweep.
+    pub outage_grace: bool,
 }
 
 impl Default for Settings {
@@ -114,6 +120,8 @@ impl Default for BotHealthSettings {
     fn default() -> Self {
         Self {
             heartbeat_timeout: Duration::from_secs(10 * 60),
+            max_fatal_per_run: 1000,
+            outage_grace: true,
         }
     }
 }

@@ -49,6 +49,7 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
         },
         bots: BotHealthSettings {
             heartbeat_timeout: Duration::from_secs(4),
+            ..BotHealthSettings::default()
         },
         platform_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),

@@ -116,28 +116,43 @@ pub async fn heartbeat_watched(
     Ok(found.iter().map(|row| row.get(0)).collect())
 }
 
-/// Marks FATAL those of `ids` that are still in a watched status and silent for longer than
-/// `timeout`: no heartbeat since then, or, with no heartbeat ever, no status change since then.
-/// Bots locked by anyone else are skipped; whoever holds them is changing them.
+/// How BotHealth judges silence.
+#[derive(Debug, Clone, Copy)]
+pub struct Silence {
+    /// Silent for longer than this is dead.
+    pub timeout: Duration,
+    /// No evidence older than this counts (UTC wall clock): silence is measured from the later
+    /// of the last heartbeat and this moment. See `BotHealth` on outages.
+    pub floor: Option<SystemTime>,
+}
+
+/// The moment silence is measured from, in SQL: the last heartbeat, or with none the moment
+/// the bot entered its status, but never before the floor (`$floor`).
+const SILENT_SINCE: &str =
+    "greatest(coalesce(b.last_heartbeat, ss.since, timezone('UTC', now())), $floor::timestamp)";
+
+/// Marks FATAL at most `limit` of `ids` that are still in a watched status and silent for
+/// longer than the timeout: no heartbeat since then, or, with no heartbeat ever, no status
+/// change since then. Bots locked by anyone else are skipped; whoever holds them is changing
+/// them.
 pub async fn mark_silent_fatal(
     tx: &Transaction<'_>,
     ids: &[i32],
-    timeout: Duration,
+    silence: Silence,
+    limit: i64,
 ) -> Result<Vec<MarkedBot>, StoreError> {
-    if ids.is_empty() {
+    if ids.is_empty() || limit <= 0 {
         return Ok(Vec::new());
     }
     let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
-    let timeout_text = humantime::format_duration(timeout).to_string();
-    let statement = tx
-        .prepare_cached(
-            "WITH silent AS (
+    let timeout_text = humantime::format_duration(silence.timeout).to_string();
+    let sql = "WITH silent AS (
                  SELECT b.id, b.status, b.last_heartbeat, ss.since
                  FROM bots b
                  LEFT JOIN milo_workers.bot_status_since ss ON ss.bot_id = b.id
                  WHERE b.id = ANY($1) AND b.status = ANY($2)
-                   AND coalesce(b.last_heartbeat, ss.since, timezone('UTC', now()))
-                       < timezone('UTC', now()) - make_interval(secs => $3)
+                   AND SILENT_SINCE < timezone('UTC', now()) - make_interval(secs => $3)
+                 ORDER BY b.id LIMIT $6
                  FOR UPDATE OF b SKIP LOCKED
              ), reasoned AS (
                  SELECT id, coalesce(last_heartbeat, since) AS silent_since,
@@ -151,15 +166,18 @@ pub async fn mark_silent_fatal(
              )
              UPDATE bots b SET status = 'FATAL', deployment_error = left(r.reason, 1024)
              FROM reasoned r WHERE b.id = r.id
-             RETURNING b.id, r.reason, r.silent_since",
-        )
-        .await?;
-    let rows = tx
-        .query(
-            &statement,
-            &[&ids, &statuses, &secs(timeout), &timeout_text],
-        )
-        .await?;
+             RETURNING b.id, r.reason, r.silent_since"
+        .replace("SILENT_SINCE", &SILENT_SINCE.replace("$floor", "$5"));
+    let statement = tx.prepare_cached(&sql).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        &ids,
+        &statuses,
+        &secs(silence.timeout),
+        &timeout_text,
+        &silence.floor,
+        &limit,
+    ];
+    let rows = tx.query(&statement, &params).await?;
     Ok(rows
         .iter()
         .map(|row| MarkedBot {
@@ -176,37 +194,52 @@ pub async fn mark_silent_fatal(
 const WATCHED_SQL: &str = "('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')";
 
 /// Seconds from now (by the database clock) until the first watched bot can become silent
-/// for longer than `timeout`; negative if one already is, `None` if no bot is watched.
+/// for longer than the timeout; negative if one already is, `None` if no bot is watched.
 pub async fn next_deadline(
     tx: &Transaction<'_>,
-    timeout: Duration,
+    silence: Silence,
 ) -> Result<Option<f64>, StoreError> {
+    let since = SILENT_SINCE.replace("$floor", "$2");
     let sql = format!(
-        "SELECT extract(epoch FROM min(coalesce(b.last_heartbeat, ss.since))
-                                   + make_interval(secs => $1) - timezone('UTC', now()))::float8
+        "SELECT extract(epoch FROM min({since}) + make_interval(secs => $1)
+                                   - timezone('UTC', now()))::float8
          FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
          WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}"
     );
     let statement = tx.prepare_cached(&sql).await?;
-    Ok(tx.query_one(&statement, &[&secs(timeout)]).await?.get(0))
+    let row = tx
+        .query_one(&statement, &[&secs(silence.timeout), &silence.floor])
+        .await?;
+    Ok(row.get(0))
 }
 
-/// Watched bots already silent for longer than `timeout`, found through the same index.
+/// Watched bots already silent for longer than the timeout, found through the same index.
 pub async fn due(
     tx: &Transaction<'_>,
-    timeout: Duration,
+    silence: Silence,
     limit: i64,
 ) -> Result<Vec<i32>, StoreError> {
+    let since = SILENT_SINCE.replace("$floor", "$2");
     let sql = format!(
         "SELECT b.id FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
          WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}
-           AND coalesce(b.last_heartbeat, ss.since)
-               < timezone('UTC', now()) - make_interval(secs => $1)
-         ORDER BY b.id LIMIT $2"
+           AND {since} < timezone('UTC', now()) - make_interval(secs => $1)
+         ORDER BY b.id LIMIT $3"
     );
     let statement = tx.prepare_cached(&sql).await?;
-    let rows = tx.query(&statement, &[&secs(timeout), &limit]).await?;
+    let rows = tx
+        .query(
+            &statement,
+            &[&secs(silence.timeout), &silence.floor, &limit],
+        )
+        .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// The database's current UTC wall-clock time.
+pub async fn now(tx: &Transaction<'_>) -> Result<SystemTime, StoreError> {
+    let statement = tx.prepare_cached("SELECT timezone('UTC', now())").await?;
+    Ok(tx.query_one(&statement, &[]).await?.get(0))
 }
 
 #[cfg(test)]

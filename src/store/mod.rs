@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod bots;
+pub mod locks;
 pub mod slots;
 
 use std::time::Duration;

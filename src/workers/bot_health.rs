@@ -12,19 +12,22 @@
 //! first transaction means milo's writes to those bots never wait on the platform.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{error, info};
 
 use super::{Context, RunError, RunReport, Worker};
 use crate::config::BotHealthSettings;
 use crate::pipeline::{Batch, Scope};
 use crate::platform::{Operation, SlotCall};
 use crate::store::audit::{self, Actor};
-use crate::store::bots::{self, MarkedBot};
+use crate::store::bots::{self, MarkedBot, Silence};
 use crate::store::slots::{self, Failure};
-use crate::store::{Action, AuditEntry, Rows, Trigger};
+use crate::store::{locks, Action, AuditEntry, Rows, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct BotHealthReport {
@@ -33,6 +36,8 @@ pub struct BotHealthReport {
     pub marked_fatal: u64,
     /// Slots stopped and returned to the pool.
     pub resources_released: u64,
+    /// The run stopped marking at `max_fatal_per_run`.
+    pub capped: bool,
 }
 
 impl BotHealthReport {
@@ -61,16 +66,75 @@ impl RunReport for BotHealthReport {
     }
 }
 
+/// Outages: while the database or the network between bots and database is down, no bot can
+/// write a heartbeat, so right after an outage every bot looks silent. The rule: no bot is
+/// judged on evidence older than this process's own uninterrupted view of the database. That
+/// view starts at the first run, and again at every run after a failed one and at every
+/// resync (the listener subscribing after a loss); silence is measured from the later of the
+/// bot's last heartbeat and that moment. The price: after a start or an outage, this process
+/// marks no bot FATAL for one heartbeat timeout. Other replicas with an unbroken view still do.
 pub struct BotHealth {
     context: Context,
     settings: BotHealthSettings,
+    /// Start of the uninterrupted view (UTC wall clock, database time); `None` until known.
+    view_since: Mutex<Option<SystemTime>>,
+    /// The last run hit `max_fatal_per_run`: deadlines are suspended, so that the rest wait
+    /// for the tick (or an operator) instead of being marked a cap's worth every second.
+    capped: AtomicBool,
 }
 
 impl BotHealth {
     pub const NAME: &'static str = "bot_health";
 
     pub fn new(context: Context, settings: BotHealthSettings) -> Self {
-        Self { context, settings }
+        Self {
+            context,
+            settings,
+            view_since: Mutex::new(None),
+            capped: AtomicBool::new(false),
+        }
+    }
+
+    fn view_since(&self) -> Option<SystemTime> {
+        *self
+            .view_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set_view_since(&self, since: Option<SystemTime>) {
+        *self
+            .view_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = since;
+    }
+
+    fn silence(&self) -> Silence {
+        let floor = if self.settings.outage_grace {
+            self.view_since()
+        } else {
+            None
+        };
+        Silence {
+            timeout: self.settings.heartbeat_timeout,
+            floor,
+        }
+    }
+
+    /// Starts a new uninterrupted view when there is none, or when the trigger says the view
+    /// was interrupted.
+    async fn refresh_view(&self, trigger: Trigger) -> Result<(), RunError> {
+        if !self.settings.outage_grace
+            || (self.view_since().is_some() && trigger != Trigger::Resync)
+        {
+            return Ok(());
+        }
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let now = bots::now(&tx).await?;
+        tx.commit().await?;
+        self.set_view_since(Some(now));
+        Ok(())
     }
 
     fn actor(&self, trigger: Trigger) -> Actor<'_> {
@@ -91,8 +155,11 @@ impl BotHealth {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
         let watched = bots::heartbeat_watched(&tx, rows).await?;
-        let marked =
-            bots::mark_silent_fatal(&tx, &watched, self.settings.heartbeat_timeout).await?;
+        let allowed = self
+            .settings
+            .max_fatal_per_run
+            .saturating_sub(report.marked_fatal as usize);
+        let marked = bots::mark_silent_fatal(&tx, &watched, self.silence(), allowed as i64).await?;
         let entries: Vec<AuditEntry> = marked
             .iter()
             .map(|bot| AuditEntry {
@@ -112,6 +179,14 @@ impl BotHealth {
         }
         report.checked += watched.len() as u64;
         report.marked_fatal += marked.len() as u64;
+        if marked.len() == allowed && !report.capped {
+            report.capped = true;
+            error!(
+                cap = self.settings.max_fatal_per_run,
+                "FATAL cap reached in one run; the remaining silent bots wait for the next sweep. \
+                 So many silent bots at once more likely means the heartbeat path is broken"
+            );
+        }
         if !marked.is_empty() {
             report.resources_released += self.release(&marked, trigger).await?;
         }
@@ -215,45 +290,72 @@ impl Worker for BotHealth {
     const NAME: &'static str = Self::NAME;
 
     async fn run(&self, batch: &Batch) -> Result<BotHealthReport, RunError> {
+        let outcome = self.run_batches(batch).await;
+        match &outcome {
+            // The view of the database was interrupted: the next run starts a new one.
+            Err(_) => self.set_view_since(None),
+            Ok(report) => self.capped.store(report.capped, Ordering::Relaxed),
+        }
+        outcome
+    }
+
+    async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
+        if self.capped.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut client = self.context.pool.get().await?;
+        let tx = client.transaction().await?;
+        let deadline = bots::next_deadline(&tx, self.silence()).await?;
+        tx.commit().await?;
+        Ok(deadline)
+    }
+}
+
+impl BotHealth {
+    async fn run_batches(&self, batch: &Batch) -> Result<BotHealthReport, RunError> {
+        self.refresh_view(batch.trigger).await?;
         let mut report = BotHealthReport::default();
         let limit = self.context.batch_size.max(1);
         match &batch.scope {
             Scope::Sweep => {
+                let Some(lock) =
+                    locks::try_sweep(&self.context.pool, locks::BOT_HEALTH_SWEEP).await?
+                else {
+                    info!("another replica is sweeping bots; this sweep is skipped");
+                    return Ok(report);
+                };
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let rows = Rows::After {
+                        id: after,
+                        limit: limit as i64,
+                    };
                     let checked = self.handle(rows, batch.trigger, &mut report).await?;
                     match checked.last() {
                         Some(&last) if checked.len() == limit => after = last,
                         _ => break,
                     }
                 }
+                lock.release().await;
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report)
+                        .await?;
                 }
             }
             Scope::Due => {
                 let due = {
                     let mut client = self.context.pool.get().await?;
                     let tx = client.transaction().await?;
-                    let timeout = self.settings.heartbeat_timeout;
-                    let due = bots::due(&tx, timeout, limit as i64).await?;
+                    let due = bots::due(&tx, self.silence(), limit as i64).await?;
                     tx.commit().await?;
                     due
                 };
-                self.handle(Rows::Ids(&due), batch.trigger, &mut report).await?;
+                self.handle(Rows::Ids(&due), batch.trigger, &mut report)
+                    .await?;
             }
         }
         Ok(report)
-    }
-
-    async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
-        let mut client = self.context.pool.get().await?;
-        let tx = client.transaction().await?;
-        let deadline = bots::next_deadline(&tx, self.settings.heartbeat_timeout).await?;
-        tx.commit().await?;
-        Ok(deadline)
     }
 }

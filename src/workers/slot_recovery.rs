@@ -21,7 +21,7 @@ use crate::status::SlotStatus;
 use crate::store::audit::{self, Actor};
 use crate::store::bots::{self, BotRow};
 use crate::store::slots::{self, Failure, SlotRow};
-use crate::store::{Action, AuditEntry, Rows, Trigger};
+use crate::store::{locks, Action, AuditEntry, Rows, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SlotRecoveryReport {
@@ -358,9 +358,17 @@ impl Worker for SlotRecovery {
         let mut deferred = Vec::new();
         match &batch.scope {
             Scope::Sweep => {
+                let pool = &self.context.pool;
+                let Some(lock) = locks::try_sweep(pool, locks::SLOT_RECOVERY_SWEEP).await? else {
+                    info!("another replica is sweeping slots; this sweep is skipped");
+                    return Ok(report);
+                };
                 let mut after = 0;
                 loop {
-                    let rows = Rows::After { id: after, limit: limit as i64 };
+                    let rows = Rows::After {
+                        id: after,
+                        limit: limit as i64,
+                    };
                     let handled = self.handle(rows, batch.trigger, &mut report).await?;
                     deferred.extend(handled.deferred);
                     match handled.claimed.last() {
@@ -368,10 +376,13 @@ impl Worker for SlotRecovery {
                         _ => break,
                     }
                 }
+                lock.release().await;
             }
             Scope::Ids(ids) => {
                 for chunk in ids.chunks(limit) {
-                    let handled = self.handle(Rows::Ids(chunk), batch.trigger, &mut report).await?;
+                    let handled = self
+                        .handle(Rows::Ids(chunk), batch.trigger, &mut report)
+                        .await?;
                     deferred.extend(handled.deferred);
                 }
             }
@@ -379,20 +390,26 @@ impl Worker for SlotRecovery {
                 let due = {
                     let mut client = self.context.pool.get().await?;
                     let tx = client.transaction().await?;
-                    let (deploy, fresh) =
-                        (self.settings.deploy_timeout, self.settings.heartbeat_freshness);
+                    let (deploy, fresh) = (
+                        self.settings.deploy_timeout,
+                        self.settings.heartbeat_freshness,
+                    );
                     let due = slots::due(&tx, deploy, fresh, limit as i64).await?;
                     tx.commit().await?;
                     due
                 };
-                let handled = self.handle(Rows::Ids(&due), batch.trigger, &mut report).await?;
+                let handled = self
+                    .handle(Rows::Ids(&due), batch.trigger, &mut report)
+                    .await?;
                 deferred.extend(handled.deferred);
             }
         }
         // Every round makes progress: the calls started within a batch's budget get outcomes.
         while !deferred.is_empty() {
             let chunk: Vec<i32> = deferred.drain(..deferred.len().min(limit)).collect();
-            let handled = self.handle(Rows::Ids(&chunk), batch.trigger, &mut report).await?;
+            let handled = self
+                .handle(Rows::Ids(&chunk), batch.trigger, &mut report)
+                .await?;
             deferred.extend(handled.deferred);
         }
         Ok(report)
@@ -401,7 +418,10 @@ impl Worker for SlotRecovery {
     async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
-        let (deploy, fresh) = (self.settings.deploy_timeout, self.settings.heartbeat_freshness);
+        let (deploy, fresh) = (
+            self.settings.deploy_timeout,
+            self.settings.heartbeat_freshness,
+        );
         let deadline = slots::next_deadline(&tx, deploy, fresh).await?;
         tx.commit().await?;
         Ok(deadline)

@@ -105,6 +105,9 @@ pub fn settings() -> Settings {
 pub async fn start(db: &TestDb, settings: Settings, platform: &SimulatedPlatform) -> Daemon {
     let mut options = Options::new(&db.url, settings, Arc::new(platform.clone()));
     options.migrate = false;
+    // Tests plant silent bots before the daemon starts; the outage grace (tested on its own)
+    // would rightly spare them.
+    settings.bots.outage_grace = false;
     let daemon = daemon::start(options).await.expect("daemon starts");
     let listener = daemon.listener.clone();
     eventually("the listener subscribes", || {
