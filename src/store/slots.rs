@@ -26,14 +26,25 @@ pub struct SlotRow {
     pub status_since: Option<SystemTime>,
 }
 
-/// Slots in `error` (unless a failed recovery's retry is not yet due), and slots `deploying`
-/// for longer than the deploy timeout.
+/// Slots in `error` (unless a failed recovery's retry is not yet due); slots `deploying` for
+/// longer than the deploy timeout (`$1`); and orphans: slots `busy` or `deploying` for longer
+/// than the grace (`$grace`) held by no bot, or by a bot DONE or FATAL for longer than the
+/// grace. milo frees a finished bot's slot itself within moments; the grace leaves it that.
 const CANDIDATE: &str = "((s.status = 'error'
        AND NOT EXISTS (SELECT 1 FROM milo_workers.slot_retry r
                        WHERE r.slot_id = s.id AND r.not_before > timezone('UTC', now())))
       OR (s.status = 'deploying'
           AND coalesce(s.last_used_at, ss.since, timezone('UTC', now()))
-              < timezone('UTC', now()) - make_interval(secs => $1)))";
+              < timezone('UTC', now()) - make_interval(secs => $1))
+      OR (s.status IN ('busy', 'deploying')
+          AND coalesce(ss.since, s.last_used_at, timezone('UTC', now()))
+              < timezone('UTC', now()) - make_interval(secs => $grace)
+          AND (s.assigned_bot_id IS NULL
+               OR EXISTS (SELECT 1 FROM bots b
+                          LEFT JOIN milo_workers.bot_status_since bs ON bs.bot_id = b.id
+                          WHERE b.id = s.assigned_bot_id AND b.status IN ('DONE', 'FATAL')
+                            AND coalesce(bs.since, timezone('UTC', now()))
+                                < timezone('UTC', now()) - make_interval(secs => $grace)))))";
 
 const COLUMNS: &str = "s.id, s.status, s.coolify_service_uuid, s.assigned_bot_id,
     s.recovery_attempts, s.error_message,
@@ -52,30 +63,35 @@ fn slot_row(row: &tokio_postgres::Row) -> SlotRow {
 }
 
 /// Locks the recovery candidates among `rows`, skipping slots another transaction holds.
+/// `orphan_grace` is how long a slot may stay held by no bot or a finished one.
 pub async fn claim_candidates(
     tx: &Transaction<'_>,
     rows: Rows<'_>,
     deploy_timeout: Duration,
+    orphan_grace: Duration,
 ) -> Result<Vec<SlotRow>, StoreError> {
     let from = "FROM bot_pool_slots s
         LEFT JOIN milo_workers.slot_status_since ss ON ss.slot_id = s.id";
+    let (deploy, grace) = (secs(deploy_timeout), secs(orphan_grace));
     let found = match rows {
         Rows::After { id, limit } => {
+            let candidate = CANDIDATE.replace("$grace", "$4");
             let sql = format!(
-                "SELECT {COLUMNS} {from} WHERE s.id > $2 AND {CANDIDATE}
+                "SELECT {COLUMNS} {from} WHERE s.id > $2 AND {candidate}
                  ORDER BY s.id LIMIT $3 FOR UPDATE OF s SKIP LOCKED"
             );
             let statement = tx.prepare_cached(&sql).await?;
-            tx.query(&statement, &[&secs(deploy_timeout), &id, &limit])
+            tx.query(&statement, &[&deploy, &id, &limit, &grace])
                 .await?
         }
         Rows::Ids(ids) => {
+            let candidate = CANDIDATE.replace("$grace", "$3");
             let sql = format!(
-                "SELECT {COLUMNS} {from} WHERE s.id = ANY($2) AND {CANDIDATE}
+                "SELECT {COLUMNS} {from} WHERE s.id = ANY($2) AND {candidate}
                  ORDER BY s.id FOR UPDATE OF s SKIP LOCKED"
             );
             let statement = tx.prepare_cached(&sql).await?;
-            tx.query(&statement, &[&secs(deploy_timeout), &ids]).await?
+            tx.query(&statement, &[&deploy, &ids, &grace]).await?
         }
     };
     Ok(found.iter().map(slot_row).collect())

@@ -31,6 +31,8 @@ pub struct SlotRecoveryReport {
     pub failed: u64,
     /// Out of attempts: application and row deleted.
     pub deleted: u64,
+    /// Orphaned busy slots (no bot, or a finished one) stopped and freed.
+    pub released: u64,
     /// Alive after all (a deploying slot whose bot heartbeats), including those corrected
     /// to busy. Never counts as an attempt.
     pub skipped: u64,
@@ -74,10 +76,16 @@ pub enum Decision {
     Recover,
     /// Out of attempts: delete the application, then the row.
     Delete,
+    /// A busy slot that no running bot holds: stop the application and free the slot.
+    Release,
 }
 
 /// Decides for a claimed candidate slot, given its bot as locked (if it has one).
 pub fn decide(slot: &SlotRow, bot: Option<&BotRow>, max_attempts: i32) -> Decision {
+    // Busy slots are candidates only as orphans (no bot, or a finished one).
+    if slot.status == SlotStatus::Busy {
+        return Decision::Release;
+    }
     if slot.status == SlotStatus::Deploying {
         if let Some(bot) = bot.filter(|bot| bot.fresh && !bot.status.is_terminal()) {
             return if bot.status.is_past_deploying() {
@@ -123,7 +131,14 @@ impl SlotRecovery {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
 
-        let claimed = slots::claim_candidates(&tx, rows, self.settings.deploy_timeout).await?;
+        let settings = &self.settings;
+        let claimed = slots::claim_candidates(
+            &tx,
+            rows,
+            settings.deploy_timeout,
+            settings.heartbeat_freshness,
+        )
+        .await?;
         if claimed.is_empty() {
             tx.commit().await?;
             return Ok(Handled::default());
@@ -149,6 +164,8 @@ impl SlotRecovery {
 
         let fatal = bots::mark_fatal(&tx, &writes.fatal).await?;
         slots::reset_to_idle(&tx, &writes.recovered).await?;
+        slots::reset_to_idle(&tx, &writes.released).await?;
+        slots::mark_error(&tx, &writes.release_failed, false).await?;
         slots::mark_error(&tx, &writes.failed, true).await?;
         slots::mark_error(&tx, &writes.delete_failed, false).await?;
         slots::mark_busy(&tx, &writes.busy).await?;
@@ -172,6 +189,7 @@ impl SlotRecovery {
             );
         }
         report.recovered += writes.recovered.len() as u64;
+        report.released += writes.released.len() as u64;
         report.failed += (writes.failed.len() + writes.delete_failed.len()) as u64;
         report.deleted += writes.deleted.len() as u64;
         report.skipped += writes.skipped + writes.busy.len() as u64;
@@ -188,7 +206,7 @@ impl SlotRecovery {
             .iter()
             .filter_map(|(slot, decision)| {
                 let operation = match decision {
-                    Decision::Recover => Operation::Stop,
+                    Decision::Recover | Decision::Release => Operation::Stop,
                     Decision::Delete => Operation::Delete,
                     Decision::Skip | Decision::MarkBusy => return None,
                 };
@@ -218,6 +236,8 @@ struct Writes {
     delete_failed: Vec<Failure>,
     deleted: Vec<i32>,
     busy: Vec<i32>,
+    released: Vec<i32>,
+    release_failed: Vec<Failure>,
     skipped: u64,
     /// Claimed, but the batch ran out of time before its platform call: untouched.
     deferred: Vec<i32>,
@@ -236,7 +256,8 @@ impl Writes {
     ) -> Self {
         let mut writes = Writes::default();
         for (slot, decision) in decided {
-            let why = why_candidate(slot, settings.deploy_timeout);
+            let bot = slot.assigned_bot_id.and_then(|id| bots.get(&id));
+            let why = why_candidate(slot, bot, settings.deploy_timeout);
             let entry = |action, reason: String| AuditEntry {
                 action,
                 slot_id: Some(slot.id),
@@ -258,14 +279,14 @@ impl Writes {
                     ));
                     continue;
                 }
-                Decision::Recover | Decision::Delete => {}
+                Decision::Recover | Decision::Delete | Decision::Release => {}
             }
             let Some(Some(outcome)) = outcomes.get(&slot.id) else {
                 writes.deferred.push(slot.id);
                 continue;
             };
 
-            if let Some(bot) = slot.assigned_bot_id.and_then(|id| bots.get(&id)) {
+            if let Some(bot) = bot.filter(|_| *decision != Decision::Release) {
                 if bot
                     .status
                     .worker_may_move_to(&crate::status::BotStatus::Fatal)
@@ -279,6 +300,21 @@ impl Writes {
             }
 
             match (decision, outcome) {
+                (Decision::Release, Ok(())) => {
+                    writes.released.push(slot.id);
+                    writes.entries.push(entry(Action::ResourcesReleased, why));
+                }
+                (Decision::Release, Err(error)) => {
+                    let reason = format!("releasing an orphaned slot failed: {error} ({why})");
+                    let retry_in = std::time::Duration::ZERO;
+                    let failure = Failure {
+                        slot_id: slot.id,
+                        reason: reason.clone(),
+                        retry_in,
+                    };
+                    writes.release_failed.push(failure);
+                    writes.entries.push(entry(Action::ReleaseFailed, reason));
+                }
                 (Decision::Recover, Ok(())) => {
                     writes.recovered.push(slot.id);
                     writes.entries.push(entry(Action::SlotRecovered, why));
@@ -334,16 +370,28 @@ impl Writes {
 }
 
 /// Why the slot is a candidate, in words for `error_message`, `deployment_error` and the audit.
-fn why_candidate(slot: &SlotRow, deploy_timeout: Duration) -> String {
+fn why_candidate(slot: &SlotRow, bot: Option<&BotRow>, deploy_timeout: Duration) -> String {
+    let id = slot.id;
+    let orphan = |state: &str| match (slot.assigned_bot_id, bot) {
+        (None, _) => format!("slot {id} {state} with no bot"),
+        (Some(bot_id), Some(bot)) => format!(
+            "slot {id} {state} for bot {bot_id}, which is {}",
+            bot.status
+        ),
+        (Some(bot_id), None) => format!("slot {id} {state} for bot {bot_id}, which is gone"),
+    };
     match slot.status {
+        SlotStatus::Busy => orphan("busy"),
+        SlotStatus::Deploying if bot.is_none_or(|bot| bot.status.is_terminal()) => {
+            orphan("deploying")
+        }
         SlotStatus::Deploying => format!(
-            "slot {} stuck deploying for more than {}",
-            slot.id,
+            "slot {id} stuck deploying for more than {}",
             humantime::format_duration(deploy_timeout)
         ),
         _ => match slot.error_message.as_deref() {
-            Some(message) if !message.is_empty() => format!("slot {} in error: {message}", slot.id),
-            _ => format!("slot {} in error", slot.id),
+            Some(message) if !message.is_empty() => format!("slot {id} in error: {message}"),
+            _ => format!("slot {id} in error"),
         },
     }
 }

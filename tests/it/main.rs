@@ -3,5 +3,6 @@
 
 mod common;
 mod coolify;
+mod consistency;
 mod deadlines;
 mod end_to_end;
