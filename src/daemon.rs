@@ -42,6 +42,10 @@ pub struct Options {
     /// Apply pending migrations before starting.
     pub migrate: bool,
     pub listener: ListenerSettings,
+    /// Names this daemon in the audit log's `replica` column. Defaults to
+    /// [`workers::replica_name`] (`host:pid`); set it when several daemons share a process
+    /// (tests, embedding) or a host name, so that their actions can be told apart.
+    pub replica: String,
 }
 
 impl Options {
@@ -54,6 +58,7 @@ impl Options {
             platform,
             migrate: true,
             listener,
+            replica: workers::replica_name(),
         }
     }
 }
@@ -109,7 +114,8 @@ pub async fn start(options: Options) -> Result<Daemon, StartError> {
         migrate(&pool).await?;
     }
 
-    let context = context(pool.clone(), settings, options.platform.clone());
+    let mut context = context(pool.clone(), settings, options.platform.clone());
+    context.replica = options.replica.as_str().into();
     let timing = Timing {
         debounce: settings.debounce,
         max_wait: settings.max_wait,

@@ -6,3 +6,4 @@ mod coolify;
 mod consistency;
 mod deadlines;
 mod end_to_end;
+mod replicas;
