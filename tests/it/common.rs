@@ -5,14 +5,16 @@
 #![allow(dead_code)] // Each test module uses a different subset of these helpers.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use milo_workers::config::Settings;
 use milo_workers::daemon::{self, Daemon, Options};
 use milo_workers::db;
-use milo_workers::platform::SimulatedPlatform;
+use milo_workers::platform::{Platform, PlatformError, SimulatedPlatform};
+use milo_workers::workers::{BotHealth, Context, SlotRecovery};
 use tokio_postgres::{Client, NoTls};
 
 pub const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -53,7 +55,10 @@ impl TestDb {
             rand::random::<u32>()
         );
         let admin = connect(&server_url()).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         let url = db::with_database(&server_url(), &name);
 
         let pool = daemon::pool(&url, &Settings::default()).expect("pool");
@@ -72,7 +77,9 @@ impl Drop for TestDb {
         // Drop runs outside async context; a short-lived runtime on its own thread does it.
         let name = self.name.clone();
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             runtime.expect("runtime").block_on(async move {
                 let admin = connect(&server_url()).await;
                 admin
@@ -90,7 +97,7 @@ impl Drop for TestDb {
 /// Settings for tests: the tick off (so that only the path under test acts), quick timeouts,
 /// and failed recoveries retried without delay (tests of the backoff set their own).
 pub fn settings() -> Settings {
-    Settings {
+    let mut settings = Settings {
         sweep_interval: Duration::ZERO,
         sweep_on_start: false,
         platform_timeout: Duration::from_secs(2),
@@ -98,16 +105,21 @@ pub fn settings() -> Settings {
         ..Settings::default()
     };
     settings.slots.retry_backoff = vec![Duration::ZERO];
+    // Tests plant silent bots before the daemon starts; the outage grace (tested on its own)
+    // would rightly spare them.
+    settings.bots.outage_grace = false;
     settings
 }
 
 /// Starts the daemon on `db` and waits until its listener has subscribed.
 pub async fn start(db: &TestDb, settings: Settings, platform: &SimulatedPlatform) -> Daemon {
-    let mut options = Options::new(&db.url, settings, Arc::new(platform.clone()));
+    start_with(db, settings, Arc::new(platform.clone())).await
+}
+
+/// [`start`] with any platform adapter, such as a [`GatedPlatform`].
+pub async fn start_with(db: &TestDb, settings: Settings, platform: Arc<dyn Platform>) -> Daemon {
+    let mut options = Options::new(&db.url, settings, platform);
     options.migrate = false;
-    // Tests plant silent bots before the daemon starts; the outage grace (tested on its own)
-    // would rightly spare them.
-    settings.bots.outage_grace = false;
     let daemon = daemon::start(options).await.expect("daemon starts");
     let listener = daemon.listener.clone();
     eventually("the listener subscribes", || {
@@ -182,7 +194,11 @@ pub async fn slot_status(client: &Client, id: i32) -> Option<String> {
 }
 
 pub async fn bot_status(client: &Client, id: i32) -> String {
-    client.query_one("SELECT status FROM bots WHERE id = $1", &[&id]).await.expect("bot").get(0)
+    client
+        .query_one("SELECT status FROM bots WHERE id = $1", &[&id])
+        .await
+        .expect("bot")
+        .get(0)
 }
 
 /// `(action, trigger)` of every audit entry about this slot, oldest first.
@@ -197,4 +213,148 @@ pub async fn slot_audit(client: &Client, slot: i32) -> Vec<(String, String)> {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect()
+}
+
+/// The workers' context on `db`, built the way the daemon builds it, for calling a worker's
+/// `run` directly (as the `sweep` command does) without listener or pipeline.
+pub fn context(db: &TestDb, settings: &Settings, platform: Arc<dyn Platform>) -> Context {
+    let pool = daemon::pool(&db.url, settings).expect("pool");
+    daemon::context(pool, settings, platform)
+}
+
+/// A SlotRecovery worker on `db`, to be run directly.
+pub fn slot_recovery(
+    db: &TestDb,
+    settings: &Settings,
+    platform: &SimulatedPlatform,
+) -> SlotRecovery {
+    let context = context(db, settings, Arc::new(platform.clone()));
+    SlotRecovery::new(context, settings.slots.clone())
+}
+
+/// A BotHealth worker on `db`, to be run directly.
+pub fn bot_health(db: &TestDb, settings: &Settings, platform: &SimulatedPlatform) -> BotHealth {
+    let context = context(db, settings, Arc::new(platform.clone()));
+    BotHealth::new(context, settings.bots.clone())
+}
+
+/// `(status, recovery_attempts, error_message)` of a slot, or None once it is deleted.
+pub async fn slot_state(client: &Client, id: i32) -> Option<(String, i32, Option<String>)> {
+    client
+        .query_opt(
+            "SELECT status, recovery_attempts, error_message FROM bot_pool_slots WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("query slot")
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+}
+
+pub async fn bot_deployment_error(client: &Client, id: i32) -> Option<String> {
+    client
+        .query_one("SELECT deployment_error FROM bots WHERE id = $1", &[&id])
+        .await
+        .expect("bot")
+        .get(0)
+}
+
+/// `(action, trigger)` of every audit entry about this bot, oldest first.
+pub async fn bot_audit(client: &Client, bot: i32) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT action, trigger FROM milo_workers.audit_log WHERE bot_id = $1 ORDER BY id",
+            &[&bot],
+        )
+        .await
+        .expect("audit")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// How many transactions wrote audit rows. A worker writes a batch's audit rows in the batch's
+/// own transaction, so with a batch size above the number of rows this counts the runs that
+/// acted.
+pub async fn audit_transactions(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(DISTINCT xmin::text) FROM milo_workers.audit_log",
+            &[],
+        )
+        .await
+        .expect("audit transactions")
+        .get(0)
+}
+
+/// Whether a pooled worker session of this database is waiting for a lock right now.
+pub async fn worker_waits_for_lock(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = $1
+               AND wait_event_type = 'Lock'",
+            &[&db::POOL_APPLICATION_NAME],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Wraps the simulated platform: counts calls as they start, and holds each call at a gate
+/// until the test opens it, so a test knows a run is in flight and can keep it there.
+#[derive(Clone)]
+pub struct GatedPlatform {
+    pub inner: SimulatedPlatform,
+    started: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl GatedPlatform {
+    /// Calls wait at the gate until [`Self::open`].
+    pub fn closed(inner: SimulatedPlatform) -> Self {
+        Self {
+            inner,
+            started: Arc::default(),
+            gate: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
+    /// Calls pass straight through; only counted.
+    pub fn open(inner: SimulatedPlatform) -> Self {
+        let platform = Self::closed(inner);
+        platform.open_gate();
+        platform
+    }
+
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Calls started so far, including those waiting at the gate.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.gate.subscribe();
+        // The sender lives as long as self, so this only ends when the gate opens.
+        let _ = gate.wait_for(|open| *open).await;
+    }
+}
+
+impl Platform for GatedPlatform {
+    fn stop<'a>(&'a self, uuid: &'a str) -> BoxFuture<'a, Result<(), PlatformError>> {
+        Box::pin(async move {
+            self.pass().await;
+            self.inner.stop(uuid).await
+        })
+    }
+
+    fn delete<'a>(&'a self, uuid: &'a str) -> BoxFuture<'a, Result<(), PlatformError>> {
+        Box::pin(async move {
+            self.pass().await;
+            self.inner.delete(uuid).await
+        })
+    }
 }

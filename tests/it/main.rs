@@ -1,9 +1,14 @@
 //! Integration tests against a real PostgreSQL server, one fresh database per test.
 //! `DATABASE_URL` names the server (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
+mod bot_health;
 mod common;
-mod coolify;
 mod consistency;
+mod coolify;
 mod deadlines;
 mod end_to_end;
+mod guards;
+mod pipeline;
 mod replicas;
+mod slot_recovery;
+mod triggers;
