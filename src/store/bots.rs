@@ -188,10 +188,18 @@ pub async fn mark_silent_fatal(
         .collect())
 }
 
-/// [`HEARTBEAT_STATUSES`] as an SQL list. Written out literally so that the planner can match
-/// it against the partial index `bot_status_since_watched` (sql/V2), which a bound array
-/// parameter would not.
-const WATCHED_SQL: &str = "('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')";
+/// The watched bots, reached from the worker's partial index one primary-key lookup each,
+/// so the cost grows with the number of watched bots, not with the size of `bots`, and no
+/// index has to be added to milo's table (one on `last_heartbeat` would also make every
+/// heartbeat write a non-HOT update). `OFFSET 0` keeps the planner from flattening the
+/// lateral subquery into a hash join over a full scan of `bots`, which it otherwise picks. The
+/// statuses are [`HEARTBEAT_STATUSES`], written out literally so the planner can match them
+/// against the partial index `bot_status_since_watched` (sql/V2); a bound array would not.
+const WATCHED_BOTS: &str = "milo_workers.bot_status_since ss
+    CROSS JOIN LATERAL (SELECT b.id, b.status, b.last_heartbeat FROM bots b
+                        WHERE b.id = ss.bot_id OFFSET 0) b
+    WHERE ss.status IN ('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')
+      AND b.status IN ('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')";
 
 /// Seconds from now (by the database clock) until the first watched bot can become silent
 /// for longer than the timeout; negative if one already is, `None` if no bot is watched.
@@ -203,8 +211,7 @@ pub async fn next_deadline(
     let sql = format!(
         "SELECT extract(epoch FROM min({since}) + make_interval(secs => $1)
                                    - timezone('UTC', now()))::float8
-         FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
-         WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}"
+         FROM {WATCHED_BOTS}"
     );
     let statement = tx.prepare_cached(&sql).await?;
     let row = tx
@@ -221,8 +228,7 @@ pub async fn due(
 ) -> Result<Vec<i32>, StoreError> {
     let since = SILENT_SINCE.replace("$floor", "$2");
     let sql = format!(
-        "SELECT b.id FROM milo_workers.bot_status_since ss JOIN bots b ON b.id = ss.bot_id
-         WHERE ss.status IN {WATCHED_SQL} AND b.status IN {WATCHED_SQL}
+        "SELECT b.id FROM {WATCHED_BOTS}
            AND {since} < timezone('UTC', now()) - make_interval(secs => $1)
          ORDER BY b.id LIMIT $3"
     );
@@ -248,6 +254,7 @@ mod tests {
 
     #[test]
     fn the_literal_watched_list_matches_the_status_table() {
+        const WATCHED_SQL: &str = "('JOINING_CALL', 'IN_WAITING_ROOM', 'IN_CALL', 'LEAVING')";
         let listed: Vec<String> = HEARTBEAT_STATUSES
             .iter()
             .map(|s| format!("'{s}'"))

@@ -215,19 +215,23 @@ pub async fn delete(tx: &Transaction<'_>, ids: &[i32]) -> Result<u64, StoreError
 
 /// When each watched slot can next need SlotRecovery (UTC wall clock): a deploying slot at its
 /// deploy timeout, or when its heartbeating bot stops counting as fresh, whichever is later; an
-/// error slot when its retry is due, or now.
+/// error slot when its retry is due, or now. Each watched slot is reached from the partial
+/// index by primary key; `OFFSET 0` stops the planner from turning that into a full scan of
+/// `bot_pool_slots` (see `store::bots` for the measurement).
 const SLOT_DEADLINES: &str = "
     SELECT s.id,
            greatest(coalesce(s.last_used_at, ss.since) + make_interval(secs => $1),
                     b.last_heartbeat + make_interval(secs => $2)) AS due_at
     FROM milo_workers.slot_status_since ss
-    JOIN bot_pool_slots s ON s.id = ss.slot_id
+    CROSS JOIN LATERAL (SELECT id, status, last_used_at, assigned_bot_id FROM bot_pool_slots
+                        WHERE id = ss.slot_id OFFSET 0) s
     LEFT JOIN bots b ON b.id = s.assigned_bot_id
     WHERE ss.status IN ('deploying', 'error') AND s.status = 'deploying'
     UNION ALL
     SELECT s.id, coalesce(r.not_before, timezone('UTC', now())) AS due_at
     FROM milo_workers.slot_status_since ss
-    JOIN bot_pool_slots s ON s.id = ss.slot_id
+    CROSS JOIN LATERAL (SELECT id, status FROM bot_pool_slots
+                        WHERE id = ss.slot_id OFFSET 0) s
     LEFT JOIN milo_workers.slot_retry r ON r.slot_id = s.id
     WHERE ss.status IN ('deploying', 'error') AND s.status = 'error'";
 
