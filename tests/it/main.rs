@@ -9,6 +9,8 @@ mod deadlines;
 mod end_to_end;
 mod guards;
 mod pipeline;
+mod http;
+mod outages;
 mod replicas;
 mod slot_recovery;
 mod triggers;
