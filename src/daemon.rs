@@ -1,27 +1,34 @@
 //! Wires the parts together: pool, workers, listener, pipeline. [`start`] returns one
 //! [`Daemon`] handle whose [`Daemon::stop`] ends them all.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::config::Settings;
 use crate::db::{self, DbError};
+use crate::health::{Health, Readiness};
+use crate::http;
 use crate::listener::{self, ListenerSettings, ListenerStatus};
+use crate::metrics::{self, Instrumented};
 use crate::pipeline::{self, Sinks, Timing};
 use crate::platform::{Platform, PlatformClient};
 use crate::schema::{self, SchemaError};
 use crate::workers::{self, BotHealth, BotHealthReport, Context, RunError, SlotRecovery};
-use crate::workers::{SlotRecoveryReport, WorkerHandle};
+use crate::workers::{SlotRecoveryReport, Worker, WorkerHandle};
 
 /// Events buffered between the listener and the router. The router only inserts into sets,
 /// so this fills only if it is starved of CPU; then the listener waits briefly, which is
 /// the only backpressure the socket ever sees.
 const EVENT_BUFFER: usize = 4096;
+
+/// How often gauges that need a query (`pg_notification_queue_usage()`) are sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -31,6 +38,12 @@ pub enum StartError {
     ConnectFailed(#[source] deadpool_postgres::PoolError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    #[error("could not listen for HTTP on {addr}")]
+    HttpBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Everything [`start`] needs.
@@ -46,6 +59,9 @@ pub struct Options {
     /// [`workers::replica_name`] (`host:pid`); set it when several daemons share a process
     /// (tests, embedding) or a host name, so that their actions can be told apart.
     pub replica: String,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here; `None` serves nothing. Port 0 picks a
+    /// free port ([`Daemon::http_addr`] tells which).
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Options {
@@ -59,6 +75,7 @@ impl Options {
             migrate: true,
             listener,
             replica: workers::replica_name(),
+            http_listen: None,
         }
     }
 }
@@ -68,6 +85,8 @@ pub struct Daemon {
     pub slot_recovery: WorkerHandle<SlotRecoveryReport>,
     pub bot_health: WorkerHandle<BotHealthReport>,
     pub listener: Arc<ListenerStatus>,
+    health: Arc<Health>,
+    http_addr: Option<SocketAddr>,
     pool: deadpool_postgres::Pool,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -110,9 +129,25 @@ pub async fn migrate(pool: &deadpool_postgres::Pool) -> Result<usize, StartError
 pub async fn start(options: Options) -> Result<Daemon, StartError> {
     let settings = &options.settings;
     let pool = pool(&options.database_url, settings)?;
+    let http_listener = match options.http_listen {
+        Some(addr) => Some(
+            http::bind(addr)
+                .await
+                .map_err(|source| StartError::HttpBind { addr, source })?,
+        ),
+        None => None,
+    };
     if options.migrate {
         migrate(&pool).await?;
     }
+
+    let status = Arc::new(ListenerStatus::default());
+    let health = Arc::new(Health::new(
+        &[<SlotRecovery as Worker>::NAME, <BotHealth as Worker>::NAME],
+        settings.sweep_interval,
+        options.listener.sweep_on_start,
+        status.clone(),
+    ));
 
     let mut context = context(pool.clone(), settings, options.platform.clone());
     context.replica = options.replica.as_str().into();
@@ -121,14 +156,22 @@ pub async fn start(options: Options) -> Result<Daemon, StartError> {
         max_wait: settings.max_wait,
     };
     let slot_recovery = workers::start(
-        SlotRecovery::new(context.clone(), settings.slots.clone()),
+        Instrumented::new(
+            SlotRecovery::new(context.clone(), settings.slots.clone()),
+            health.clone(),
+        ),
         timing,
     );
-    let bot_health = workers::start(BotHealth::new(context, settings.bots.clone()), timing);
+    let bot_health = workers::start(
+        Instrumented::new(
+            BotHealth::new(context, settings.bots.clone()),
+            health.clone(),
+        ),
+        timing,
+    );
 
     let cancel = CancellationToken::new();
     let (events, received) = mpsc::channel(EVENT_BUFFER);
-    let status = Arc::new(ListenerStatus::default());
     let listener_task = listener::spawn(
         options.listener.clone(),
         events,
@@ -146,6 +189,41 @@ pub async fn start(options: Options) -> Result<Daemon, StartError> {
         cancel.clone(),
     ));
 
+    let mut tasks = vec![listener_task, pipeline_task];
+    let mut http_addr = None;
+    if let Some(http_listener) = http_listener {
+        http_addr = http_listener.local_addr().ok();
+        let handle = metrics::install();
+        let refresh: http::Refresh = {
+            let listener = status.clone();
+            let slots = slot_recovery.inbox().clone();
+            let bots = bot_health.inbox().clone();
+            Arc::new(move || {
+                metrics::listener(
+                    listener.is_connected(),
+                    listener.connections(),
+                    listener.notifications(),
+                    listener.ignored_payloads(),
+                );
+                metrics::pending_ids(slot_recovery_name(), slots.pending_ids());
+                metrics::pending_ids(bot_health_name(), bots.pending_ids());
+            })
+        };
+        tasks.push(tokio::spawn(sample(
+            pool.clone(),
+            handle.clone(),
+            refresh.clone(),
+            cancel.clone(),
+        )));
+        tasks.push(http::spawn(
+            http_listener,
+            handle,
+            health.clone(),
+            refresh,
+            cancel.clone(),
+        ));
+    }
+
     info!(
         database = %db::redact_url(&options.database_url),
         sweep_interval = ?settings.sweep_interval,
@@ -157,16 +235,73 @@ pub async fn start(options: Options) -> Result<Daemon, StartError> {
         slot_recovery,
         bot_health,
         listener: status,
+        health,
+        http_addr,
         pool,
         cancel,
-        tasks: vec![listener_task, pipeline_task],
+        tasks,
         grace: settings.shutdown_grace,
     })
+}
+
+fn slot_recovery_name() -> &'static str {
+    <SlotRecovery as Worker>::NAME
+}
+
+fn bot_health_name() -> &'static str {
+    <BotHealth as Worker>::NAME
+}
+
+/// Samples the gauges that are not updated as things happen, and keeps the recorder's
+/// histograms tidy, every [`SAMPLE_INTERVAL`] until `cancel`.
+async fn sample(
+    pool: deadpool_postgres::Pool,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    refresh: http::Refresh,
+    cancel: CancellationToken,
+) {
+    let mut every = tokio::time::interval(SAMPLE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        refresh();
+        handle.run_upkeep();
+        let usage = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let row = client
+                .query_one("SELECT pg_notification_queue_usage()", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<f64, String>(row.get(0))
+        };
+        let sampled = tokio::select! {
+            _ = cancel.cancelled() => return,
+            sampled = usage => sampled,
+        };
+        match sampled {
+            Ok(usage) => metrics::notification_queue_usage(usage),
+            // The workers report a database outage; the next sample tries again.
+            Err(error) => debug!(%error, "could not sample the notification queue usage"),
+        }
+    }
 }
 
 impl Daemon {
     pub fn pool(&self) -> &deadpool_postgres::Pool {
         &self.pool
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// What `/readyz` would answer now.
+    pub fn readiness(&self) -> Readiness {
+        self.health.readiness()
     }
 
     pub async fn run_slot_recovery_now(&self) -> Result<SlotRecoveryReport, RunError> {

@@ -11,14 +11,20 @@
 //! - [`store`]: every SQL statement the workers run, and the audit log.
 //! - [`platform`]: the container platform's stop and delete calls.
 //! - [`daemon`]: wires the above together; [`shutdown`]: the stop signal.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`] names every metric, and
+//!   [`health`] decides readiness.
 //!
 //! Shared vocabulary: [`status`] (bot and slot statuses and allowed moves), [`config`]
-//! (tuning), [`db`] (connections).
+//! (tuning), [`db`] (connections). [`fleet`] reports the fleet's state for `status`.
 
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod fleet;
+pub mod health;
+pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod schema;

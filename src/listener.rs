@@ -84,6 +84,11 @@ impl ListenerStatus {
     pub fn notifications(&self) -> u64 {
         self.notifications.load(Ordering::Relaxed)
     }
+
+    #[cfg(test)]
+    pub(crate) fn set_connected_for_tests(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

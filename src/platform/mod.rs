@@ -1,10 +1,11 @@
 //! The platform that runs the slots' containers. Workers call it to stop or delete an
 //! application; everything else about a slot lives in the database.
 //!
-//! [`Platform`] is the adapter a deployment plugs in ([`simulated`] ships here; an HTTP
-//! adapter for Coolify fits the same two calls). [`PlatformClient`] wraps any adapter with
+//! [`Platform`] is the adapter a deployment plugs in: [`coolify`] for Coolify's HTTP API, and
+//! [`simulated`] (in memory) for the demo and the tests. [`PlatformClient`] wraps any adapter with
 //! what every call needs regardless of the adapter: a timeout and a concurrency limit.
 
+pub mod coolify;
 pub mod simulated;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use futures::stream::{self, StreamExt};
 use tokio::sync::Semaphore;
 use tracing::{debug, info_span, warn, Instrument};
 
+pub use coolify::{CoolifyPlatform, CoolifySettings};
 pub use simulated::SimulatedPlatform;
 
 /// What the workers ask of the platform. Both act on an application by its
@@ -98,6 +100,7 @@ impl PlatformClient {
                 after: self.timeout,
             }),
         };
+        crate::metrics::platform_call(operation, started.elapsed(), &outcome);
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &outcome {
             Ok(()) => debug!(%operation, uuid, elapsed_ms, "platform call succeeded"),

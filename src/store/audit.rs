@@ -122,5 +122,6 @@ pub async fn record(
         ],
     )
     .await?;
+    crate::metrics::actions_recorded(actor.worker, entries);
     Ok(())
 }
