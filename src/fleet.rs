@@ -148,8 +148,9 @@ fn pairs(rows: Vec<tokio_postgres::Row>) -> Vec<(String, i64)> {
     rows.iter().map(|row| (row.get(0), row.get(1))).collect()
 }
 
-/// Slots in error, and slots deploying past the deploy timeout whose bot is not heartbeating,
-/// with what SlotRecovery would do about each.
+/// Slots in error, slots deploying past the deploy timeout whose bot is not heartbeating, and
+/// orphans (busy or deploying, held by no bot or a finished one for longer than the heartbeat
+/// freshness), with what SlotRecovery would do about each.
 async fn actionable_slots(
     client: &Client,
     settings: &SlotRecoverySettings,
@@ -162,18 +163,30 @@ async fn actionable_slots(
                     extract(epoch FROM n.t - coalesce(s.last_used_at, ss.since, n.t))::float8,
                     b.status::text,
                     extract(epoch FROM n.t - b.last_heartbeat)::float8,
-                    extract(epoch FROM r.not_before - n.t)::float8
+                    extract(epoch FROM r.not_before - n.t)::float8,
+                    s.assigned_bot_id
              FROM bot_pool_slots s
              CROSS JOIN now_utc n
              LEFT JOIN milo_workers.slot_status_since ss ON ss.slot_id = s.id
              LEFT JOIN milo_workers.slot_retry r ON r.slot_id = s.id
              LEFT JOIN bots b ON b.id = s.assigned_bot_id
+             LEFT JOIN milo_workers.bot_status_since bs ON bs.bot_id = b.id
              WHERE s.status = 'error'
                 OR (s.status = 'deploying'
                     AND coalesce(s.last_used_at, ss.since, n.t)
                         < n.t - make_interval(secs => $1))
+                OR (s.status IN ('busy', 'deploying')
+                    AND coalesce(ss.since, s.last_used_at, n.t)
+                        < n.t - make_interval(secs => $3)
+                    AND (s.assigned_bot_id IS NULL
+                         OR (b.status IN ('DONE', 'FATAL')
+                             AND coalesce(bs.since, n.t) < n.t - make_interval(secs => $3))))
              ORDER BY s.id LIMIT $2",
-            &[&settings.deploy_timeout.as_secs_f64(), &ROWS_SHOWN],
+            &[
+                &settings.deploy_timeout.as_secs_f64(),
+                &ROWS_SHOWN,
+                &settings.heartbeat_freshness.as_secs_f64(),
+            ],
         )
         .await?;
     let freshness = settings.heartbeat_freshness.as_secs_f64();
@@ -186,15 +199,23 @@ async fn actionable_slots(
         let bot_status: Option<String> = row.get(6);
         let heartbeat_age: Option<f64> = row.get(7);
         let retry_in: Option<f64> = row.get(8);
-
-        let mut why = if status == "error" {
-            format!("in error for {in_status}")
-        } else {
-            format!("deploying for {deploying_for}")
-        };
+        let bot_id: Option<i32> = row.get(9);
         let bot = bot_status.as_deref().map(BotStatus::parse);
+        // Held by no bot, or by one that finished: milo should have freed it.
+        let orphan = match (bot_id, &bot) {
+            (None, _) => Some("with no bot".to_owned()),
+            (Some(id), Some(bot)) if bot.is_terminal() => Some(format!("for bot {id}, {bot}")),
+            _ => None,
+        };
+
+        let mut why = match (status.as_str(), &orphan) {
+            ("error", _) => format!("in error for {in_status}"),
+            (_, Some(orphan)) => format!("{status} {orphan} for {in_status}"),
+            _ => format!("deploying for {deploying_for}"),
+        };
         let fresh = heartbeat_age.is_some_and(|age| age < freshness);
         let action = match &bot {
+            _ if status == "busy" => "stop and free the orphaned slot",
             _ if status == "error" && retry_in.is_some_and(|secs| secs > 0.0) => {
                 why.push_str(&format!(
                     ", {attempts} failed recoveries; next try in {}",

@@ -44,6 +44,27 @@ async fn the_report_shows_what_the_workers_would_do_and_why() {
     common::insert_slot(&milo, "alive", "deploying", Some(alive_bot), minutes(20.0)).await;
     common::insert_slot(&milo, "young", "deploying", None, minutes(1.0)).await;
     let silent = common::insert_bot(&milo, "IN_CALL", Some(minutes(15.0))).await;
+    // Orphans: busy with no bot, and deploying for a bot that is long DONE.
+    let done_bot = common::insert_bot(&milo, "DONE", None).await;
+    let orphan_busy = common::insert_slot(&milo, "orphan-busy", "busy", None, 0.0).await;
+    let orphan_deploying =
+        common::insert_slot(&milo, "orphan-deploying", "deploying", Some(done_bot), 0.0).await;
+    let recently_freed = common::insert_slot(&milo, "recent", "busy", None, 0.0).await;
+    milo.execute(
+        "UPDATE milo_workers.slot_status_since SET since = since - interval '10 minutes'
+         WHERE slot_id = ANY($1);
+        ",
+        &[&vec![orphan_busy, orphan_deploying]],
+    )
+    .await
+    .unwrap();
+    milo.execute(
+        "UPDATE milo_workers.bot_status_since SET since = since - interval '10 minutes'
+         WHERE bot_id = $1",
+        &[&done_bot],
+    )
+    .await
+    .unwrap();
 
     for n in 1..=12 {
         milo.execute(
@@ -64,7 +85,8 @@ async fn the_report_shows_what_the_workers_would_do_and_why() {
         pairs.iter().find(|(s, _)| s == status).map(|(_, n)| *n)
     };
     assert_eq!(count(&report.slots_by_status, "error"), Some(3));
-    assert_eq!(count(&report.slots_by_status, "deploying"), Some(3));
+    assert_eq!(count(&report.slots_by_status, "deploying"), Some(4));
+    assert_eq!(count(&report.slots_by_status, "busy"), Some(2));
     assert_eq!(count(&report.slots_by_status, "idle"), Some(1));
     assert_eq!(count(&report.bots_by_status, "IN_CALL"), Some(2));
 
@@ -80,6 +102,8 @@ async fn the_report_shows_what_the_workers_would_do_and_why() {
             ("slot", doomed, "delete the application and the slot"),
             ("slot", waiting, "nothing yet: waiting for the retry"),
             ("slot", stuck, "stop, free the slot, mark its bot FATAL"),
+            ("slot", orphan_busy, "stop and free the orphaned slot"),
+            ("slot", orphan_deploying, "stop and free the slot"),
             ("bot", silent, "mark the bot FATAL, stop and free its slot"),
         ]
     );
@@ -107,6 +131,16 @@ async fn the_report_shows_what_the_workers_would_do_and_why() {
         "{}",
         why("bot", silent)
     );
+
+    assert!(
+        why("slot", orphan_deploying).starts_with(&format!("deploying for bot {done_bot}, DONE")),
+        "{}",
+        why("slot", orphan_deploying)
+    );
+    assert!(!report
+        .actionable
+        .iter()
+        .any(|a| a.kind == "slot" && a.id == recently_freed));
 
     assert_eq!(report.recent_actions.len(), 10);
     assert_eq!(report.recent_actions[0].reason, "entry 12");
