@@ -39,8 +39,10 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
     let url = db::with_database(server_url, DEMO_DATABASE);
     recreate_database(server_url).await?;
 
+    // The production tick (five minutes): everything below happens through notifications
+    // and deadlines, within seconds, long before any tick.
     let settings = Settings {
-        sweep_interval: Duration::from_secs(2),
+        sweep_interval: Duration::from_secs(300),
         slots: SlotRecoverySettings {
             deploy_timeout: Duration::from_secs(6),
             heartbeat_freshness: Duration::from_secs(3),
@@ -48,7 +50,7 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
             retry_backoff: vec![Duration::from_millis(500), Duration::from_secs(1)],
         },
         bots: BotHealthSettings {
-            heartbeat_timeout: Duration::from_secs(4),
+            heartbeat_timeout: Duration::from_secs(3),
             ..BotHealthSettings::default()
         },
         platform_timeout: Duration::from_secs(2),
@@ -63,8 +65,8 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
     let milo = connect(&url).await?;
     seed(&milo, args.slots).await?;
     println!(
-        "demo: {} slots on database {DEMO_DATABASE}; heartbeat timeout 4s, deploy timeout 6s, \
-         tick 2s, platform failure rate {:.0}%",
+        "demo: {} slots on database {DEMO_DATABASE}; heartbeat timeout 3s, deploy timeout 6s, \
+         tick 5m, platform failure rate {:.0}%",
         args.slots,
         args.failure_rate * 100.0
     );
