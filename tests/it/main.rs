@@ -11,6 +11,7 @@ mod fleet;
 mod guards;
 mod http;
 mod pipeline;
+mod properties;
 mod replicas;
 mod slot_recovery;
 mod triggers;
