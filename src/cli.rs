@@ -143,18 +143,25 @@ pub struct WorkerArgs {
     #[arg(long, env = "MILO_WORKERS_RETRY_BACKOFF", default_value = "30s,2m,5m",
           value_delimiter = ',', value_parser = duration)]
     pub retry_backoff: Vec<Duration>,
+    /// Most bots one run may mark FATAL; reaching it is logged as an error.
+    #[arg(long, env = "MILO_WORKERS_MAX_FATAL_PER_RUN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_fatal_per_run: u32,
     /// Timeout of one platform call.
-    #[arg(long, env = "MILO_WORKERS_PLATFORM_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "MILO_WORKERS_PLATFORM_TIMEOUT", default_value = "30s",
+          value_parser = duration)]
     pub platform_timeout: Duration,
     /// Platform calls in flight at once.
     #[arg(long, env = "MILO_WORKERS_PLATFORM_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub platform_concurrency: u16,
     /// How long a stop waits for runs in flight.
-    #[arg(long, env = "MILO_WORKERS_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "MILO_WORKERS_SHUTDOWN_GRACE", default_value = "30s",
+          value_parser = duration)]
     pub shutdown_grace: Duration,
     /// Simulated platform: latency of every call.
-    #[arg(long, env = "MILO_WORKERS_SIMULATED_LATENCY", default_value = "0ms", value_parser = duration)]
+    #[arg(long, env = "MILO_WORKERS_SIMULATED_LATENCY", default_value = "0ms",
+          value_parser = duration)]
     pub simulated_latency: Duration,
     /// Simulated platform: probability that a call fails, 0 to 1.
     #[arg(long, env = "MILO_WORKERS_SIMULATED_FAILURE_RATE", default_value_t = 0.0,
@@ -235,7 +242,10 @@ impl WorkerArgs {
                 retry_backoff: self.retry_backoff.clone(),
                 ..self.thresholds.slots()
             },
-            bots: self.thresholds.bots(),
+            bots: BotHealthSettings {
+                max_fatal_per_run: self.max_fatal_per_run as usize,
+                ..self.thresholds.bots()
+            },
             platform_timeout: self.platform_timeout,
             platform_concurrency: self.platform_concurrency.into(),
             shutdown_grace: self.shutdown_grace,
@@ -301,7 +311,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn sweep(url: &str, args: SweepArgs) -> anyhow::Result<()> {
     let platform = args.workers.platform()?;
-    let settings = args.workers.settings();
+    let mut settings = args.workers.settings();
+    // An operator asking for a sweep wants the current verdict; the outage grace guards the
+    // daemon's automatic runs (see `BotHealth`).
+    settings.bots.outage_grace = false;
     let pool = daemon::pool(url, &settings)?;
     if !args.no_migrate {
         daemon::migrate(&pool).await.context("migrating")?;

@@ -148,7 +148,8 @@ async fn simulate_fleet(milo: Client) -> anyhow::Result<()> {
              UPDATE bot_pool_slots s SET status = 'deploying', assigned_bot_id = bot.id,
                     last_used_at = timezone('UTC', now())
              FROM slot, bot WHERE s.id = slot.id;
-             WITH ready AS (SELECT b.id FROM bots b JOIN bot_pool_slots s ON s.assigned_bot_id = b.id
+             WITH ready AS (SELECT b.id FROM bots b
+                            JOIN bot_pool_slots s ON s.assigned_bot_id = b.id
                             WHERE b.status = 'DEPLOYING' AND s.status = 'deploying'
                               AND s.last_used_at < timezone('UTC', now()) - interval '1 second')
              UPDATE bots SET status = 'IN_CALL', last_heartbeat = timezone('UTC', now())

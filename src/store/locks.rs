@@ -46,7 +46,8 @@ impl SweepLock {
         {
             Ok(_) => drop(client),
             Err(error) => {
-                warn!(%error, key = self.key, "could not release a sweep lock; closing its session");
+                let key = self.key;
+                warn!(%error, key, "could not release a sweep lock; closing its session");
                 drop(Object::take(client));
             }
         }

@@ -51,7 +51,8 @@ impl RunReport for BotHealthReport {
         // A focused check that found nothing to do is the common case (every status change
         // triggers one); it is logged at debug so the info log shows what matters.
         if trigger == Trigger::Notify && self.is_idle() {
-            tracing::debug!(worker, %trigger, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "run found nothing to do");
+            let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+            tracing::debug!(worker, %trigger, elapsed_ms, "run found nothing to do");
             return;
         }
         info!(
@@ -175,7 +176,8 @@ impl BotHealth {
         drop(client);
 
         for bot in &marked {
-            info!(action = "bot_marked_fatal", bot_id = bot.id, reason = %bot.reason, "bot health action");
+            let reason = &bot.reason;
+            info!(action = "bot_marked_fatal", bot_id = bot.id, %reason, "bot health action");
         }
         report.checked += watched.len() as u64;
         report.marked_fatal += marked.len() as u64;

@@ -130,9 +130,11 @@ async fn drive<W: Worker>(
                     .min(RETRY_MAX);
                 // Once per outage, not once per retry: later failures are debug.
                 if failures == 1 {
-                    error!(error = %ErrorChain(e), ?retry_in, "run failed; will retry as a full sweep");
+                    let error = ErrorChain(e);
+                    error!(%error, ?retry_in, "run failed; will retry as a full sweep");
                 } else {
-                    tracing::debug!(error = %ErrorChain(e), failures, ?retry_in, "run failed again");
+                    let error = ErrorChain(e);
+                    tracing::debug!(%error, failures, ?retry_in, "run failed again");
                 }
                 inbox.set_deadline(None);
                 inbox.retry_sweep_after(Instant::now() + retry_in);

@@ -49,7 +49,8 @@ impl RunReport for SlotRecoveryReport {
         // A focused check that found nothing to do is the common case (every status change
         // triggers one); it is logged at debug so the info log shows what matters.
         if trigger == Trigger::Notify && self.is_idle() {
-            tracing::debug!(worker, %trigger, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "run found nothing to do");
+            let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+            tracing::debug!(worker, %trigger, elapsed_ms, "run found nothing to do");
             return;
         }
         info!(

@@ -14,9 +14,12 @@ async fn a_slot_broken_by_a_plain_update_is_recovered_through_the_notification_p
     let platform = SimulatedPlatform::new(std::time::Duration::ZERO, 0.0);
     let daemon = common::start(&db, common::settings(), &platform).await;
 
-    milo.execute("UPDATE bot_pool_slots SET status = 'error' WHERE id = $1", &[&slot])
-        .await
-        .unwrap();
+    milo.execute(
+        "UPDATE bot_pool_slots SET status = 'error' WHERE id = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap();
 
     eventually("the slot is idle again", || async {
         common::slot_status(&milo, slot).await.as_deref() == Some("idle")
@@ -33,6 +36,9 @@ async fn a_slot_broken_by_a_plain_update_is_recovered_through_the_notification_p
     );
     let calls = platform.calls();
     assert_eq!(calls.len(), 1);
-    assert_eq!((calls[0].operation, calls[0].uuid.as_str()), (Operation::Stop, "app-s1"));
+    assert_eq!(
+        (calls[0].operation, calls[0].uuid.as_str()),
+        (Operation::Stop, "app-s1")
+    );
     assert!(daemon.stop().await);
 }
