@@ -4,6 +4,7 @@
 //! worker never runs twice at once. Requests that arrive during a run wait in the inbox and
 //! make the next batch: nothing is dropped, unlike a "skip if already running" guard.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ pub type WorkerInbox<W> = Inbox<<W as Worker>::Report, RunError>;
 pub struct WorkerHandle<R: RunReport> {
     name: &'static str,
     inbox: Arc<Inbox<R, RunError>>,
+    runs: Arc<AtomicU64>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -36,10 +38,18 @@ pub struct WorkerHandle<R: RunReport> {
 pub fn start<W: Worker>(worker: W, timing: Timing) -> WorkerHandle<W::Report> {
     let inbox: Arc<WorkerInbox<W>> = Arc::default();
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(drive(worker, inbox.clone(), timing, cancel.clone()));
+    let runs = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn(drive(
+        worker,
+        inbox.clone(),
+        timing,
+        runs.clone(),
+        cancel.clone(),
+    ));
     WorkerHandle {
         name: W::NAME,
         inbox,
+        runs,
         cancel,
         task,
     }
@@ -53,6 +63,12 @@ impl<R: RunReport> WorkerHandle<R> {
     /// Where events for this worker go.
     pub fn inbox(&self) -> &Arc<Inbox<R, RunError>> {
         &self.inbox
+    }
+
+    /// Runs finished so far, failed ones included (a cancelled run is not counted). With
+    /// [`Inbox::pending_ids`] it shows how well changes are coalesced: many changes, few runs.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     /// Runs a full sweep as soon as the run in flight, if any, has finished, and returns its
@@ -91,6 +107,7 @@ async fn drive<W: Worker>(
     worker: W,
     inbox: Arc<WorkerInbox<W>>,
     timing: Timing,
+    runs: Arc<AtomicU64>,
     cancel: CancellationToken,
 ) {
     let mut last_run_end: Option<Instant> = None;
@@ -112,6 +129,7 @@ async fn drive<W: Worker>(
         let started = Instant::now();
         let outcome = worker.run(&batch).instrument(span.clone()).await;
         last_run_end = Some(Instant::now());
+        runs.fetch_add(1, Ordering::Relaxed);
 
         let _entered = span.enter();
         match &outcome {
@@ -194,5 +212,263 @@ async fn wait_until_ready<R, E>(
                 _ = &mut changed => {}
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The runner alone, on paused time, with a fake worker and no database: every instant
+    //! below is exact because the clock only moves when every task waits.
+
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use serde::Serialize;
+
+    use super::*;
+    use crate::pipeline::Batch;
+    use crate::store::Trigger;
+
+    const TIMING: Timing = Timing {
+        debounce: Duration::from_millis(100),
+        max_wait: Duration::from_secs(1),
+    };
+
+    #[derive(Debug, Clone, Default, Serialize)]
+    struct Counts;
+
+    impl RunReport for Counts {
+        fn log(&self, _: &str, _: Trigger, _: Duration) {}
+    }
+
+    #[derive(Debug, Clone)]
+    struct Run {
+        batch: Batch,
+        started: Instant,
+        ended: Instant,
+    }
+
+    /// Takes `duration` per run; fails its first `failures` runs.
+    #[derive(Clone)]
+    struct Fake {
+        duration: Duration,
+        failures: Arc<AtomicUsize>,
+        in_flight: Arc<AtomicUsize>,
+        overlaps: Arc<AtomicUsize>,
+        runs: Arc<Mutex<Vec<Run>>>,
+    }
+
+    impl Fake {
+        fn new(duration: Duration, failures: usize) -> Self {
+            Self {
+                duration,
+                failures: Arc::new(AtomicUsize::new(failures)),
+                in_flight: Arc::default(),
+                overlaps: Arc::default(),
+                runs: Arc::default(),
+            }
+        }
+
+        fn runs(&self) -> Vec<Run> {
+            self.runs.lock().unwrap().clone()
+        }
+    }
+
+    impl Worker for Fake {
+        type Report = Counts;
+        const NAME: &'static str = "fake";
+
+        async fn run(&self, batch: &Batch) -> Result<Counts, RunError> {
+            if self.in_flight.fetch_add(1, Ordering::SeqCst) > 0 {
+                self.overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            let started = Instant::now();
+            tokio::time::sleep(self.duration).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.runs.lock().unwrap().push(Run {
+                batch: batch.clone(),
+                started,
+                ended: Instant::now(),
+            });
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(RunError::Stopped);
+            }
+            Ok(Counts)
+        }
+
+        async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
+            Ok(None)
+        }
+    }
+
+    /// Lets the runner react to what was just added, without moving the clock.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ids_arriving_during_a_run_make_one_run_right_after_it_never_overlapping() {
+        let fake = Fake::new(Duration::from_secs(1), 0);
+        let handle = start(fake.clone(), TIMING);
+        let t0 = Instant::now();
+
+        handle.inbox().add_ids([1], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handle.inbox().add_ids([2], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handle.inbox().add_ids([3, 2], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        // An isolated change runs at once.
+        assert_eq!(runs[0].batch, Batch::ids(Trigger::Notify, vec![1]));
+        assert_eq!(runs[0].started, t0);
+        // What arrived during it shares the next run, when the debounce window closes.
+        assert_eq!(runs[1].batch, Batch::ids(Trigger::Notify, vec![2, 3]));
+        assert_eq!(runs[1].started, runs[0].ended + TIMING.debounce);
+        assert_eq!(fake.overlaps.load(Ordering::SeqCst), 0);
+        assert_eq!(handle.runs(), 2);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_debounce_window_groups_changes_right_after_a_run_and_not_later_ones() {
+        let fake = Fake::new(Duration::from_millis(10), 0);
+        let handle = start(fake.clone(), TIMING);
+
+        handle.inbox().add_ids([1], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(30)).await; // the run ended at +10 ms
+        handle.inbox().add_ids([2], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        handle.inbox().add_ids([3], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let quiet_from = Instant::now();
+        handle.inbox().add_ids([4], Trigger::Notify);
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(runs[1].batch, Batch::ids(Trigger::Notify, vec![2, 3]));
+        assert_eq!(runs[1].started, runs[0].ended + TIMING.debounce);
+        // Long after the last run: an isolated change is not delayed by the window.
+        assert_eq!(runs[2].batch, Batch::ids(Trigger::Notify, vec![4]));
+        assert_eq!(runs[2].started, quiet_from);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_long_run_the_max_wait_cap_skips_the_debounce_window() {
+        let fake = Fake::new(Duration::from_secs(3), 0);
+        let handle = start(fake.clone(), TIMING);
+
+        handle.inbox().add_ids([1], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        handle.inbox().add_ids([2], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        // Id 2 has waited 2.9 s > max_wait when the first run ends: it goes at once.
+        assert_eq!(runs[1].batch, Batch::ids(Trigger::Notify, vec![2]));
+        assert_eq!(runs[1].started, runs[0].ended);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_shorter_than_the_window_bounds_the_wait_after_a_run() {
+        let timing = Timing {
+            debounce: Duration::from_secs(2),
+            max_wait: Duration::from_millis(500),
+        };
+        let fake = Fake::new(Duration::from_millis(100), 0);
+        let handle = start(fake.clone(), timing);
+
+        handle.inbox().add_ids([1], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let arrived = Instant::now();
+        handle.inbox().add_ids([2], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[1].started, arrived + timing.max_wait);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_run_is_retried_as_a_sweep_after_a_growing_backoff() {
+        let fake = Fake::new(Duration::from_millis(10), 2);
+        let handle = start(fake.clone(), TIMING);
+
+        handle.inbox().add_ids([5], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(runs[0].batch, Batch::ids(Trigger::Notify, vec![5]));
+        // The failed ids are not dropped: the retry is a full sweep, after 1 s, then 2 s.
+        assert_eq!(runs[1].batch, Batch::sweep(Trigger::Resync));
+        assert_eq!(runs[1].started, runs[0].ended + RETRY_FIRST);
+        assert_eq!(runs[2].batch, Batch::sweep(Trigger::Resync));
+        assert_eq!(runs[2].started, runs[1].ended + RETRY_FIRST * 2);
+        assert_eq!(handle.runs(), 3);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_does_not_jump_its_backoff_when_new_ids_arrive() {
+        let fake = Fake::new(Duration::from_millis(10), 1);
+        let handle = start(fake.clone(), TIMING);
+
+        handle.inbox().add_ids([5], Trigger::Notify);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handle.inbox().add_ids([6], Trigger::Notify);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[1].batch, Batch::sweep(Trigger::Resync));
+        assert_eq!(runs[1].started, runs[0].ended + RETRY_FIRST);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_now_waits_for_the_run_in_flight_and_then_sweeps() {
+        let fake = Fake::new(Duration::from_secs(1), 0);
+        let handle = start(fake.clone(), TIMING);
+
+        handle.inbox().add_ids([1], Trigger::Notify);
+        settle().await;
+        assert!(handle.run_now().await.is_ok());
+
+        let runs = fake.runs();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[1].batch, Batch::sweep(Trigger::Manual));
+        assert_eq!(runs[1].started, runs[0].ended);
+        assert_eq!(fake.overlaps.load(Ordering::SeqCst), 0);
+        assert!(handle.stop(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_cancels_a_run_that_outlasts_the_grace_period() {
+        let fake = Fake::new(Duration::from_secs(60), 0);
+        let handle = start(fake.clone(), TIMING);
+        handle.inbox().add_ids([1], Trigger::Notify);
+        settle().await;
+        assert_eq!(fake.in_flight.load(Ordering::SeqCst), 1);
+
+        assert!(!handle.stop(Duration::from_secs(1)).await);
+        assert!(
+            fake.runs().is_empty(),
+            "the run was cancelled, not finished"
+        );
     }
 }
