@@ -358,3 +358,127 @@ impl Platform for GatedPlatform {
         })
     }
 }
+
+/// Polls `check` until it holds, panicking with `what` after `bound`: for checks that a
+/// fault makes legitimately slow (a 5 s ping must first miss), never as a timing assertion.
+pub async fn eventually_within<F, Fut>(bound: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {bound:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts a daemon on `url` (the test database's, or a proxy's in front of it) with any
+/// platform, after `adjust` changed its options, and waits until its listener subscribed.
+pub async fn start_on(
+    url: &str,
+    settings: Settings,
+    platform: Arc<dyn Platform>,
+    adjust: impl FnOnce(&mut Options),
+) -> Daemon {
+    let mut options = Options::new(url, settings, platform);
+    options.migrate = false;
+    adjust(&mut options);
+    let daemon = daemon::start(options).await.expect("daemon starts");
+    let listener = daemon.listener.clone();
+    eventually("the listener subscribes", || {
+        let listener = listener.clone();
+        async move { listener.is_connected() }
+    })
+    .await;
+    daemon
+}
+
+/// Backend pids of the daemon's LISTEN connections to this test's database only.
+pub async fn listener_backends(client: &Client, db: &TestDb) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = $2",
+            &[&db::LISTENER_APPLICATION_NAME, &db.name],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// The log lines of the calling test, captured. `tokio::test` runs every task the test
+/// spawns (the whole daemon) on the test's own thread, so a thread-local subscriber sees
+/// exactly this test's daemon, even while other tests run in parallel.
+#[derive(Default)]
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Captures until the guard is dropped; `filter` is an `EnvFilter` directive.
+    pub fn capture(filter: &str) -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(LogSink(logs.0.clone()))
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The lines containing `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The value of `field=` in the first line containing `needle`, for reporting.
+    pub fn field(&self, needle: &str, field: &str) -> Option<String> {
+        let line = self.lines_with(needle).into_iter().next()?;
+        let start = line.find(&format!("{field}="))? + field.len() + 1;
+        Some(line[start..].split_whitespace().next()?.to_owned())
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        // A failing test shows what its daemon logged (the harness prints captured output).
+        if std::thread::panicking() {
+            eprintln!("---- captured daemon log ----\n{}", self.text());
+        }
+    }
+}
+
+/// Where the subscriber writes a captured test's lines.
+pub struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Self(self.0.clone())
+    }
+}

@@ -15,3 +15,8 @@ mod properties;
 mod replicas;
 mod slot_recovery;
 mod triggers;
+mod listener_faults;
+mod network_faults;
+mod platform_faults;
+mod proxy;
+mod storm;
