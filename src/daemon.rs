@@ -111,6 +111,7 @@ pub fn context(
         batch_size: settings.batch_size,
         concurrency: settings.platform_concurrency,
         platform_budget: settings.platform_budget(),
+        batch_timeout: settings.claim_lease() + Duration::from_secs(10),
     }
 }
 

@@ -61,7 +61,8 @@ impl SimulatedPlatform {
         state.hanging.remove(uuid);
     }
 
-    /// Every call so far, finished or not, in the order they started.
+    /// Every call that has returned so far, in the order they returned. A call still in
+    /// flight (or hanging) is not listed yet.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
     }

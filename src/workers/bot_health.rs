@@ -153,6 +153,18 @@ impl BotHealth {
         trigger: Trigger,
         report: &mut BotHealthReport,
     ) -> Result<Vec<i32>, RunError> {
+        let context = &self.context;
+        context
+            .bounded(self.handle_unbounded(rows, trigger, report))
+            .await
+    }
+
+    async fn handle_unbounded(
+        &self,
+        rows: Rows<'_>,
+        trigger: Trigger,
+        report: &mut BotHealthReport,
+    ) -> Result<Vec<i32>, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
         let watched = bots::heartbeat_watched(&tx, rows).await?;

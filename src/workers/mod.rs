@@ -34,6 +34,10 @@ pub enum RunError {
     Store(Arc<StoreError>),
     #[error("the worker is stopped")]
     Stopped,
+    /// A batch outlived its lease: the database or the network stopped answering in a way no
+    /// socket timeout caught (a middlebox still acknowledging, say).
+    #[error("a batch took longer than {0:?}; its transaction was abandoned")]
+    TimedOut(Duration),
 }
 
 impl From<StoreError> for RunError {
@@ -88,6 +92,21 @@ pub struct Context {
     /// How long one batch keeps starting platform calls (see
     /// [`crate::config::Settings::platform_budget`]).
     pub platform_budget: Duration,
+    /// The longest one batch (one transaction) may take: the claim lease plus a margin. Past
+    /// it the server has ended the session anyway, so waiting longer only hangs the worker.
+    pub batch_timeout: Duration,
+}
+
+impl Context {
+    /// Runs one batch under [`Context::batch_timeout`].
+    pub(crate) async fn bounded<T>(
+        &self,
+        batch: impl Future<Output = Result<T, RunError>>,
+    ) -> Result<T, RunError> {
+        tokio::time::timeout(self.batch_timeout, batch)
+            .await
+            .unwrap_or(Err(RunError::TimedOut(self.batch_timeout)))
+    }
 }
 
 /// `host:pid`, naming this process in the audit log.

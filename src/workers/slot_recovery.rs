@@ -129,6 +129,18 @@ impl SlotRecovery {
         trigger: Trigger,
         report: &mut SlotRecoveryReport,
     ) -> Result<Handled, RunError> {
+        let context = &self.context;
+        context
+            .bounded(self.handle_unbounded(rows, trigger, report))
+            .await
+    }
+
+    async fn handle_unbounded(
+        &self,
+        rows: Rows<'_>,
+        trigger: Trigger,
+        report: &mut SlotRecoveryReport,
+    ) -> Result<Handled, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
 
