@@ -395,7 +395,7 @@ fn why_candidate(slot: &SlotRow, bot: Option<&BotRow>, deploy_timeout: Duration)
     };
     match slot.status {
         SlotStatus::Busy => orphan("busy"),
-        SlotStatus::Deploying if bot.is_none_or(|bot| bot.status.is_terminal()) => {
+        SlotStatus::Deploying if !bot.is_some_and(|bot| !bot.status.is_terminal()) => {
             orphan("deploying")
         }
         SlotStatus::Deploying => format!(
