@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub mod tls;
+
+pub use tls::{RootCerts, SslMode, TlsConfigError, TlsParams};
 
 /// `application_name` of pooled connections, so operators can tell them apart in
 /// `pg_stat_activity`.
@@ -25,18 +30,44 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum DbError {
     #[error("invalid database url")]
     InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("invalid TLS settings in the database url")]
+    InvalidTls(#[source] TlsConfigError),
     #[error("could not build the connection pool")]
     PoolBuildFailed(#[source] deadpool_postgres::BuildError),
 }
 
-/// Parses a libpq-style URL or key=value string and applies the settings every connection
-/// of ours shares.
-pub fn connect_config(
-    url: &str,
-    application_name: &str,
-) -> Result<tokio_postgres::Config, DbError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(DbError::InvalidUrl)?;
+/// How to open a connection: tokio-postgres's settings, and the TLS connector that goes with
+/// the URL's `sslmode` and `sslrootcert` (see [`tls`]).
+#[derive(Clone)]
+pub struct ConnectSettings {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+    pub ssl_mode: SslMode,
+}
+
+/// The connection half of a [`ConnectSettings::connect`], to be polled or spawned.
+pub type TlsConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+impl ConnectSettings {
+    /// Opens one connection; the caller polls (or spawns) the connection half.
+    pub async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, TlsConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// Parses a libpq-style URL or key=value string, with its TLS parameters, and applies the
+/// settings every connection of ours shares.
+pub fn connect_config(url: &str, application_name: &str) -> Result<ConnectSettings, DbError> {
+    let (rest, params) = tls::take_tls_params(url).map_err(DbError::InvalidTls)?;
+    let tls = tls::connector(&params).map_err(DbError::InvalidTls)?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(DbError::InvalidUrl)?;
     config
+        .ssl_mode(params.mode.negotiation())
         .application_name(application_name)
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
@@ -44,7 +75,11 @@ pub fn connect_config(
         .keepalives_interval(KEEPALIVE_INTERVAL)
         .keepalives_retries(KEEPALIVE_RETRIES)
         .tcp_user_timeout(TCP_USER_TIMEOUT);
-    Ok(config)
+    Ok(ConnectSettings {
+        config,
+        tls,
+        ssl_mode: params.mode,
+    })
 }
 
 /// Builds the pool. Sessions get server-side limits so that nothing waits forever:
@@ -52,7 +87,9 @@ pub fn connect_config(
 /// claims in an open transaction while platform calls run; if the process freezes or the
 /// network splits, the server ends the session after `lease` and another replica takes over.
 pub fn pool(url: &str, size: usize, lease: Duration) -> Result<Pool, DbError> {
-    let mut config = connect_config(url, POOL_APPLICATION_NAME)?;
+    let ConnectSettings {
+        mut config, tls, ..
+    } = connect_config(url, POOL_APPLICATION_NAME)?;
     config.options(format!(
         "-c statement_timeout=60000 -c lock_timeout=10000 \
          -c idle_in_transaction_session_timeout={}",
@@ -60,7 +97,7 @@ pub fn pool(url: &str, size: usize, lease: Duration) -> Result<Pool, DbError> {
     ));
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

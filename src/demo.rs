@@ -17,7 +17,7 @@ use milo_workers::db;
 use milo_workers::platform::SimulatedPlatform;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const DEMO_DATABASE: &str = "milo_workers_demo";
 
@@ -95,9 +95,8 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = url
-        .parse::<tokio_postgres::Config>()?
-        .connect(NoTls)
+    let (client, connection) = db::connect_config(url, "milo-workers-demo")?
+        .connect()
         .await
         .with_context(|| format!("connecting to {}", db::redact_url(url)))?;
     tokio::spawn(connection);

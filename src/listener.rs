@@ -16,7 +16,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -246,10 +246,7 @@ async fn connect(
 ) -> Result<(Client, JoinHandle<Result<(), ListenError>>), ListenError> {
     let config = db::connect_config(&settings.database_url, db::LISTENER_APPLICATION_NAME)
         .map_err(ListenError::Config)?;
-    let (client, mut connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(ListenError::ConnectFailed)?;
+    let (client, mut connection) = config.connect().await.map_err(ListenError::ConnectFailed)?;
 
     // The connection must be polled for the client's queries to progress, and polling it is
     // what reads notifications off the socket: this task does both, and forwards each

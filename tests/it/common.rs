@@ -482,3 +482,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
         Self(self.0.clone())
     }
 }
+
+/// `url` with one more connection parameter, in the URL's own form; it overrides an earlier
+/// one of the same name.
+pub fn with_param(url: &str, key: &str, value: &str) -> String {
+    if url.contains("://") {
+        let encoded: String = value
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}{key}={encoded}")
+    } else {
+        let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+        format!("{url} {key}='{quoted}'")
+    }
+}
