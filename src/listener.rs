@@ -262,8 +262,11 @@ async fn connect(
                     match parse(n.channel(), n.payload()) {
                         Ok((event, unknown_status)) => {
                             if let Some(unknown) = unknown_status {
-                                warn!(channel = n.channel(), status = %cut_short(&unknown, PAYLOAD_SHOWN),
-                                    "notification names an unknown status; checking the row anyway");
+                                warn!(
+                                    channel = n.channel(),
+                                    status = %cut_short(&unknown, PAYLOAD_SHOWN),
+                                    "notification names an unknown status; checking the row anyway"
+                                );
                             }
                             events
                                 .send(event)
@@ -321,7 +324,8 @@ async fn serve(
                 });
             }
             _ = ping.tick() => {
-                let pinged = tokio::time::timeout(settings.ping_interval, client.simple_query("SELECT 1")).await;
+                let ping_query = client.simple_query("SELECT 1");
+                let pinged = tokio::time::timeout(settings.ping_interval, ping_query).await;
                 let failure = match pinged {
                     Ok(Ok(_)) => continue,
                     Ok(Err(error)) => ListenError::PingFailed(error),
