@@ -53,7 +53,10 @@ fn main() {
     let fixture = rt.block_on(async {
         let client = db.client().await;
         seed(&client, n).await;
-        let settings = Settings::default();
+        let mut settings = Settings::default();
+        // Judge bots on current evidence at once, as a daemon running for a while does
+        // (a fresh process waits one heartbeat timeout, its outage grace).
+        settings.bots.outage_grace = false;
         let pool = daemon::pool(&db.url, &settings).expect("pool");
         let platform = SimulatedPlatform::new(Duration::ZERO, 0.0);
         let context = daemon::context(pool, &settings, Arc::new(platform.clone()));

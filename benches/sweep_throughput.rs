@@ -4,7 +4,8 @@
 //! Three ways of repairing the same broken fleet, measured in rotating order in each round
 //! (the fleet is re-broken and vacuumed, untimed, before every run):
 //! - worker: `SlotRecovery` then `BotHealth` `run(&Batch::sweep(Trigger::Manual))`, built as
-//!   the `sweep` command builds them (pool, context, default settings);
+//!   the `sweep` command builds them (pool, context, default settings, no outage grace), with
+//!   `max_fatal_per_run` raised to the fleet size so that the cap does not cut the sweep;
 //! - row-at-a-time: the polling design being replaced (`common::poll_slots`/`poll_bots`);
 //! - floor: the same writes as bare set-based statements (`common::floor_slots`/`floor_bots`).
 
@@ -70,7 +71,7 @@ async fn run() {
                         assert_eq!((slots, bots), (n as u64 / 100, n as u64 / 100));
                         started.elapsed()
                     }
-                    Variant::Worker => worker_sweep(&db.url).await,
+                    Variant::Worker => worker_sweep(&db.url, n).await,
                     Variant::RowAtATime => {
                         let platform = SimulatedPlatform::new(Duration::ZERO, 0.0);
                         let started = Instant::now();
@@ -155,8 +156,13 @@ async fn run() {
 }
 
 /// Both workers' full sweeps, built as `milo-workers sweep` builds them, pool included.
-async fn worker_sweep(url: &str) -> Duration {
-    let settings = Settings::default();
+async fn worker_sweep(url: &str, n: i32) -> Duration {
+    let mut settings = Settings::default();
+    // As `milo-workers sweep` does: an operator's sweep judges on current evidence.
+    settings.bots.outage_grace = false;
+    // The default cap (1,000 FATAL per run, a guard against a broken heartbeat path) would
+    // stop the 1,000,000-row sweep at a tenth of its 10,000 stale bots.
+    settings.bots.max_fatal_per_run = n as usize;
     let started = Instant::now();
     let pool = daemon::pool(url, &settings).expect("pool");
     let platform = std::sync::Arc::new(SimulatedPlatform::new(Duration::ZERO, 0.0));
