@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Transaction;
 
-use super::{fit, secs, Rows, StoreError};
+use super::{fit, secs, StoreError};
 use crate::status::{BotStatus, HEARTBEAT_STATUSES};
 
 /// `deployment_error` is `varchar(1024)`.
@@ -90,29 +90,24 @@ pub async fn mark_fatal(
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// The bots among `rows` that are in a heartbeat-watched status: what BotHealth checks.
-pub async fn heartbeat_watched(
-    tx: &Transaction<'_>,
-    rows: Rows<'_>,
-) -> Result<Vec<i32>, StoreError> {
+/// Every bot in a heartbeat-watched status, in one pass over `bots`: what a full sweep checks,
+/// batch by batch.
+pub async fn all_watched(tx: &Transaction<'_>) -> Result<Vec<i32>, StoreError> {
     let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
-    let found = match rows {
-        Rows::After { id, limit } => {
-            let statement = tx
-                .prepare_cached(
-                    "SELECT id FROM bots WHERE status = ANY($1) AND id > $2
-                     ORDER BY id LIMIT $3",
-                )
-                .await?;
-            tx.query(&statement, &[&statuses, &id, &limit]).await?
-        }
-        Rows::Ids(ids) => {
-            let statement = tx
-                .prepare_cached("SELECT id FROM bots WHERE status = ANY($1) AND id = ANY($2)")
-                .await?;
-            tx.query(&statement, &[&statuses, &ids]).await?
-        }
-    };
+    let statement = tx
+        .prepare_cached("SELECT id FROM bots WHERE status = ANY($1) ORDER BY id")
+        .await?;
+    let found = tx.query(&statement, &[&statuses]).await?;
+    Ok(found.iter().map(|row| row.get(0)).collect())
+}
+
+/// The bots among `ids` that are in a heartbeat-watched status: what BotHealth checks.
+pub async fn heartbeat_watched(tx: &Transaction<'_>, ids: &[i32]) -> Result<Vec<i32>, StoreError> {
+    let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
+    let statement = tx
+        .prepare_cached("SELECT id FROM bots WHERE status = ANY($1) AND id = ANY($2)")
+        .await?;
+    let found = tx.query(&statement, &[&statuses, &ids]).await?;
     Ok(found.iter().map(|row| row.get(0)).collect())
 }
 

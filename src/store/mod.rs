@@ -34,17 +34,6 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-/// Which rows a batch looks at: a page of a full sweep, or the changed rows of a focused check.
-#[derive(Debug, Clone, Copy)]
-pub enum Rows<'a> {
-    /// Candidates with an id greater than this, in id order, at most `limit` of them.
-    After {
-        id: i32,
-        limit: i64,
-    },
-    Ids(&'a [i32]),
-}
-
 /// Seconds as the `float8` that `make_interval(secs => ...)` takes.
 pub(crate) fn secs(duration: Duration) -> f64 {
     duration.as_secs_f64()

@@ -27,7 +27,7 @@ use crate::platform::{Operation, SlotCall};
 use crate::store::audit::{self, Actor};
 use crate::store::bots::{self, MarkedBot, Silence};
 use crate::store::slots::{self, Failure};
-use crate::store::{locks, Action, AuditEntry, Rows, Trigger};
+use crate::store::{locks, Action, AuditEntry, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct BotHealthReport {
@@ -149,25 +149,25 @@ impl BotHealth {
     /// Checks one batch; returns the ids that were checked.
     async fn handle(
         &self,
-        rows: Rows<'_>,
+        ids: &[i32],
         trigger: Trigger,
         report: &mut BotHealthReport,
     ) -> Result<Vec<i32>, RunError> {
         let context = &self.context;
         context
-            .bounded(self.handle_unbounded(rows, trigger, report))
+            .bounded(self.handle_unbounded(ids, trigger, report))
             .await
     }
 
     async fn handle_unbounded(
         &self,
-        rows: Rows<'_>,
+        ids: &[i32],
         trigger: Trigger,
         report: &mut BotHealthReport,
     ) -> Result<Vec<i32>, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
-        let watched = bots::heartbeat_watched(&tx, rows).await?;
+        let watched = bots::heartbeat_watched(&tx, ids).await?;
         let allowed = self
             .settings
             .max_fatal_per_run
@@ -329,46 +329,36 @@ impl BotHealth {
     async fn run_batches(&self, batch: &Batch) -> Result<BotHealthReport, RunError> {
         self.refresh_view(batch.trigger).await?;
         let mut report = BotHealthReport::default();
-        let limit = self.context.batch_size.max(1);
-        match &batch.scope {
+        let mut sweep_lock = None;
+        let ids = match &batch.scope {
+            Scope::Ids(ids) => ids.clone(),
             Scope::Sweep => {
-                let Some(lock) =
-                    locks::try_sweep(&self.context.pool, locks::BOT_HEALTH_SWEEP).await?
-                else {
+                let pool = &self.context.pool;
+                let Some(lock) = locks::try_sweep(pool, locks::BOT_HEALTH_SWEEP).await? else {
                     info!("another replica is sweeping bots; this sweep is skipped");
                     return Ok(report);
                 };
-                let mut after = 0;
-                loop {
-                    let rows = Rows::After {
-                        id: after,
-                        limit: limit as i64,
-                    };
-                    let checked = self.handle(rows, batch.trigger, &mut report).await?;
-                    match checked.last() {
-                        Some(&last) if checked.len() == limit => after = last,
-                        _ => break,
-                    }
-                }
-                lock.release().await;
-            }
-            Scope::Ids(ids) => {
-                for chunk in ids.chunks(limit) {
-                    self.handle(Rows::Ids(chunk), batch.trigger, &mut report)
-                        .await?;
-                }
+                sweep_lock = Some(lock);
+                let mut client = self.context.pool.get().await?;
+                let tx = client.transaction().await?;
+                let ids = bots::all_watched(&tx).await?;
+                tx.commit().await?;
+                ids
             }
             Scope::Due => {
-                let due = {
-                    let mut client = self.context.pool.get().await?;
-                    let tx = client.transaction().await?;
-                    let due = bots::due(&tx, self.silence(), limit as i64).await?;
-                    tx.commit().await?;
-                    due
-                };
-                self.handle(Rows::Ids(&due), batch.trigger, &mut report)
-                    .await?;
+                let mut client = self.context.pool.get().await?;
+                let tx = client.transaction().await?;
+                let limit = self.context.batch_size as i64;
+                let ids = bots::due(&tx, self.silence(), limit).await?;
+                tx.commit().await?;
+                ids
             }
+        };
+        for chunk in ids.chunks(self.context.batch_size.max(1)) {
+            self.handle(chunk, batch.trigger, &mut report).await?;
+        }
+        if let Some(lock) = sweep_lock {
+            lock.release().await;
         }
         Ok(report)
     }

@@ -21,7 +21,7 @@ use crate::status::SlotStatus;
 use crate::store::audit::{self, Actor};
 use crate::store::bots::{self, BotRow};
 use crate::store::slots::{self, Failure, SlotRow};
-use crate::store::{locks, Action, AuditEntry, Rows, Trigger};
+use crate::store::{locks, Action, AuditEntry, Trigger};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SlotRecoveryReport {
@@ -103,13 +103,6 @@ pub fn decide(slot: &SlotRow, bot: Option<&BotRow>, max_attempts: i32) -> Decisi
     }
 }
 
-/// What one batch claimed, and which of those it left for later.
-#[derive(Default)]
-struct Handled {
-    claimed: Vec<i32>,
-    deferred: Vec<i32>,
-}
-
 pub struct SlotRecovery {
     context: Context,
     settings: SlotRecoverySettings,
@@ -122,39 +115,40 @@ impl SlotRecovery {
         Self { context, settings }
     }
 
-    /// Claims and handles one batch of candidates.
+    /// Claims and handles one batch of candidates; returns the ids it left for later
+    /// (claimed, but out of time before their platform call).
     async fn handle(
         &self,
-        rows: Rows<'_>,
+        ids: &[i32],
         trigger: Trigger,
         report: &mut SlotRecoveryReport,
-    ) -> Result<Handled, RunError> {
+    ) -> Result<Vec<i32>, RunError> {
         let context = &self.context;
         context
-            .bounded(self.handle_unbounded(rows, trigger, report))
+            .bounded(self.handle_unbounded(ids, trigger, report))
             .await
     }
 
     async fn handle_unbounded(
         &self,
-        rows: Rows<'_>,
+        ids: &[i32],
         trigger: Trigger,
         report: &mut SlotRecoveryReport,
-    ) -> Result<Handled, RunError> {
+    ) -> Result<Vec<i32>, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
 
         let settings = &self.settings;
         let claimed = slots::claim_candidates(
             &tx,
-            rows,
+            ids,
             settings.deploy_timeout,
             settings.heartbeat_freshness,
         )
         .await?;
         if claimed.is_empty() {
             tx.commit().await?;
-            return Ok(Handled::default());
+            return Ok(Vec::new());
         }
         let bot_ids: Vec<i32> = claimed.iter().filter_map(|s| s.assigned_bot_id).collect();
         let bots: HashMap<i32, BotRow> =
@@ -206,10 +200,7 @@ impl SlotRecovery {
         report.failed += (writes.failed.len() + writes.delete_failed.len()) as u64;
         report.deleted += writes.deleted.len() as u64;
         report.skipped += writes.skipped + writes.busy.len() as u64;
-        Ok(Handled {
-            claimed: claimed.iter().map(|slot| slot.id).collect(),
-            deferred: writes.deferred,
-        })
+        Ok(writes.deferred)
     }
 
     /// Stops or deletes the applications, concurrently up to the platform's limit. Each slot
@@ -415,63 +406,47 @@ impl Worker for SlotRecovery {
 
     async fn run(&self, batch: &Batch) -> Result<SlotRecoveryReport, RunError> {
         let mut report = SlotRecoveryReport::default();
-        let limit = self.context.batch_size.max(1);
-        let mut deferred = Vec::new();
-        match &batch.scope {
+        let (deploy, fresh) = (
+            self.settings.deploy_timeout,
+            self.settings.heartbeat_freshness,
+        );
+        let mut sweep_lock = None;
+        let ids = match &batch.scope {
+            Scope::Ids(ids) => ids.clone(),
             Scope::Sweep => {
                 let pool = &self.context.pool;
                 let Some(lock) = locks::try_sweep(pool, locks::SLOT_RECOVERY_SWEEP).await? else {
                     info!("another replica is sweeping slots; this sweep is skipped");
                     return Ok(report);
                 };
-                let mut after = 0;
-                loop {
-                    let rows = Rows::After {
-                        id: after,
-                        limit: limit as i64,
-                    };
-                    let handled = self.handle(rows, batch.trigger, &mut report).await?;
-                    deferred.extend(handled.deferred);
-                    match handled.claimed.last() {
-                        Some(&last) if handled.claimed.len() == limit => after = last,
-                        _ => break,
-                    }
-                }
-                lock.release().await;
-            }
-            Scope::Ids(ids) => {
-                for chunk in ids.chunks(limit) {
-                    let handled = self
-                        .handle(Rows::Ids(chunk), batch.trigger, &mut report)
-                        .await?;
-                    deferred.extend(handled.deferred);
-                }
+                sweep_lock = Some(lock);
+                let mut client = self.context.pool.get().await?;
+                let tx = client.transaction().await?;
+                let ids = slots::sweep_candidates(&tx, deploy, fresh).await?;
+                tx.commit().await?;
+                ids
             }
             Scope::Due => {
-                let due = {
-                    let mut client = self.context.pool.get().await?;
-                    let tx = client.transaction().await?;
-                    let (deploy, fresh) = (
-                        self.settings.deploy_timeout,
-                        self.settings.heartbeat_freshness,
-                    );
-                    let due = slots::due(&tx, deploy, fresh, limit as i64).await?;
-                    tx.commit().await?;
-                    due
-                };
-                let handled = self
-                    .handle(Rows::Ids(&due), batch.trigger, &mut report)
-                    .await?;
-                deferred.extend(handled.deferred);
+                let mut client = self.context.pool.get().await?;
+                let tx = client.transaction().await?;
+                let ids = slots::due(&tx, deploy, fresh, self.context.batch_size as i64).await?;
+                tx.commit().await?;
+                ids
             }
+        };
+
+        // One transaction per batch; every round makes progress, since the calls started
+        // within a batch's budget all get outcomes.
+        let mut pending = ids;
+        while !pending.is_empty() {
+            let mut deferred = Vec::new();
+            for chunk in pending.chunks(self.context.batch_size.max(1)) {
+                deferred.extend(self.handle(chunk, batch.trigger, &mut report).await?);
+            }
+            pending = deferred;
         }
-        // Every round makes progress: the calls started within a batch's budget get outcomes.
-        while !deferred.is_empty() {
-            let chunk: Vec<i32> = deferred.drain(..deferred.len().min(limit)).collect();
-            let handled = self
-                .handle(Rows::Ids(&chunk), batch.trigger, &mut report)
-                .await?;
-            deferred.extend(handled.deferred);
+        if let Some(lock) = sweep_lock {
+            lock.release().await;
         }
         Ok(report)
     }
