@@ -155,7 +155,7 @@ async fn delays(client: &Client) -> Vec<f64> {
     let rows = client
         .query(
             "SELECT (extract(epoch FROM a.at - (b.last_heartbeat AT TIME ZONE 'UTC')) * 1000
-                     - $1)::float8
+                     - $1::float8)::float8
              FROM milo_workers.audit_log a JOIN bots b ON b.id = a.bot_id
              WHERE a.action = 'bot_marked_fatal'",
             &[&(ms(TIMEOUT))],
