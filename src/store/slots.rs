@@ -5,6 +5,7 @@
 //! slot instead of waiting for it, so no slot ever has two platform calls in flight, and a
 //! claim dies with its transaction (see `db::pool` for the lease that bounds it).
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Transaction;
@@ -108,22 +109,40 @@ pub async fn claim_candidates(
     Ok(found.iter().map(slot_row).collect())
 }
 
-/// Locks the `busy` or `deploying` slots still held by these bots, skipping slots another
-/// transaction holds (SlotRecovery owns slots in `error`). The held slots are found through
-/// the worker's own index (sql/V3) and read by primary key, never by scanning milo's table.
-pub async fn claim_held_by(
+/// Which busy or deploying slots each bot holds, found through the worker's own index (sql/V3)
+/// and read by primary key, never by scanning milo's table (which may have no index on
+/// `assigned_bot_id`). Read once per run, not per batch: its cost grows with the slots in use.
+pub async fn held(tx: &Transaction<'_>) -> Result<HashMap<i32, Vec<i32>>, StoreError> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT s.id, s.assigned_bot_id FROM bot_pool_slots s
+             WHERE s.id = ANY(ARRAY(SELECT slot_id FROM milo_workers.slot_status_since
+                                    WHERE status IN ('busy', 'deploying')))
+               AND s.status IN ('busy', 'deploying') AND s.assigned_bot_id IS NOT NULL",
+        )
+        .await?;
+    let mut held: HashMap<i32, Vec<i32>> = HashMap::new();
+    for row in tx.query(&statement, &[]).await? {
+        held.entry(row.get(1)).or_default().push(row.get(0));
+    }
+    Ok(held)
+}
+
+/// Locks those of `slot_ids` that are still `busy` or `deploying` and held by one of
+/// `bot_ids`, skipping slots another transaction holds (SlotRecovery owns slots in `error`).
+pub async fn claim_held(
     tx: &Transaction<'_>,
+    slot_ids: &[i32],
     bot_ids: &[i32],
 ) -> Result<Vec<SlotRow>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS} {FROM}
-         WHERE s.id = ANY(ARRAY(SELECT slot_id FROM milo_workers.slot_status_since
-                                WHERE status IN ('busy', 'deploying')))
-           AND s.assigned_bot_id = ANY($1) AND s.status IN ('busy', 'deploying')
+         WHERE s.id = ANY($1) AND s.assigned_bot_id = ANY($2)
+           AND s.status IN ('busy', 'deploying')
          ORDER BY s.id FOR UPDATE OF s SKIP LOCKED"
     );
     let statement = tx.prepare_cached(&sql).await?;
-    let found = tx.query(&statement, &[&bot_ids]).await?;
+    let found = tx.query(&statement, &[&slot_ids, &bot_ids]).await?;
     Ok(found.iter().map(slot_row).collect())
 }
 

@@ -74,6 +74,9 @@ impl RunReport for BotHealthReport {
 /// resync (the listener subscribing after a loss); silence is measured from the later of the
 /// bot's last heartbeat and that moment. The price: after a start or an outage, this process
 /// marks no bot FATAL for one heartbeat timeout. Other replicas with an unbroken view still do.
+/// Slot ids by the bot holding them.
+type Held = HashMap<i32, Vec<i32>>;
+
 pub struct BotHealth {
     context: Context,
     settings: BotHealthSettings,
@@ -152,10 +155,11 @@ impl BotHealth {
         ids: &[i32],
         trigger: Trigger,
         report: &mut BotHealthReport,
+        held: &mut Option<Held>,
     ) -> Result<Vec<i32>, RunError> {
         let context = &self.context;
         context
-            .bounded(self.handle_unbounded(ids, trigger, report))
+            .bounded(self.handle_unbounded(ids, trigger, report, held))
             .await
     }
 
@@ -164,6 +168,7 @@ impl BotHealth {
         ids: &[i32],
         trigger: Trigger,
         report: &mut BotHealthReport,
+        held: &mut Option<Held>,
     ) -> Result<Vec<i32>, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
@@ -202,18 +207,32 @@ impl BotHealth {
             );
         }
         if !marked.is_empty() {
-            report.resources_released += self.release(&marked, trigger).await?;
+            report.resources_released += self.release(&marked, trigger, held).await?;
         }
         Ok(watched)
     }
 
     /// Stops and frees the slots still held by bots just marked FATAL. Returns how many were
     /// freed. A slot another worker holds right now is left to it.
-    async fn release(&self, marked: &[MarkedBot], trigger: Trigger) -> Result<u64, RunError> {
+    async fn release(
+        &self,
+        marked: &[MarkedBot],
+        trigger: Trigger,
+        held: &mut Option<Held>,
+    ) -> Result<u64, RunError> {
         let mut client = self.context.pool.get().await?;
         let tx = client.transaction().await?;
+        if held.is_none() {
+            *held = Some(slots::held(&tx).await?);
+        }
         let bot_ids: Vec<i32> = marked.iter().map(|bot| bot.id).collect();
-        let held = slots::claim_held_by(&tx, &bot_ids).await?;
+        let slot_ids: Vec<i32> = bot_ids
+            .iter()
+            .filter_map(|id| held.as_ref().and_then(|held| held.get(id)))
+            .flatten()
+            .copied()
+            .collect();
+        let held = slots::claim_held(&tx, &slot_ids, &bot_ids).await?;
 
         let calls = held
             .iter()
@@ -293,7 +312,7 @@ impl BotHealth {
                 .filter(|bot| deferred.contains(&bot.id))
                 .cloned()
                 .collect();
-            released += Box::pin(self.release(&rest, trigger)).await?;
+            released += Box::pin(self.release(&rest, trigger, &mut None)).await?;
         }
         Ok(released)
     }
@@ -354,8 +373,11 @@ impl BotHealth {
                 ids
             }
         };
+        // Which slot each bot holds, read once per run when the first bot needs releasing.
+        let mut held = None;
         for chunk in ids.chunks(self.context.batch_size.max(1)) {
-            self.handle(chunk, batch.trigger, &mut report).await?;
+            self.handle(chunk, batch.trigger, &mut report, &mut held)
+                .await?;
         }
         if let Some(lock) = sweep_lock {
             lock.release().await;
