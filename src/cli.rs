@@ -149,7 +149,7 @@ pub struct WorkerArgs {
     pub max_fatal_per_run: u32,
     /// Timeout of one platform call.
     #[arg(long, env = "MILO_WORKERS_PLATFORM_TIMEOUT", default_value = "30s",
-          value_parser = duration)]
+          value_parser = positive_duration)]
     pub platform_timeout: Duration,
     /// Platform calls in flight at once.
     #[arg(long, env = "MILO_WORKERS_PLATFORM_CONCURRENCY", default_value_t = 8,
@@ -184,15 +184,15 @@ pub struct WorkerArgs {
 pub struct ThresholdArgs {
     /// An active bot silent for longer is marked FATAL.
     #[arg(long, env = "MILO_WORKERS_HEARTBEAT_TIMEOUT", default_value = "10m",
-          value_parser = duration)]
+          value_parser = positive_duration)]
     pub heartbeat_timeout: Duration,
     /// A slot deploying for longer is recovered.
     #[arg(long, env = "MILO_WORKERS_DEPLOY_TIMEOUT", default_value = "15m",
-          value_parser = duration)]
+          value_parser = positive_duration)]
     pub deploy_timeout: Duration,
     /// A bot that heartbeated within this window keeps its deploying slot.
     #[arg(long, env = "MILO_WORKERS_HEARTBEAT_FRESHNESS", default_value = "5m",
-          value_parser = duration)]
+          value_parser = positive_duration)]
     pub heartbeat_freshness: Duration,
     /// Failed recoveries before a slot is deleted.
     #[arg(long, env = "MILO_WORKERS_MAX_RECOVERY_ATTEMPTS", default_value_t = 3,
@@ -218,11 +218,22 @@ impl ThresholdArgs {
     }
 }
 
+/// A duration with units; `0` alone means zero (for the settings where zero turns a thing
+/// off or down to nothing: the tick, debouncing, waits).
 fn duration(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(text).map_err(|e| format!("{e} (use a duration like 100ms, 30s, 5m)"))
+}
+
+/// A duration that must be more than zero: a zero timeout would, say, mark every bot FATAL
+/// at once, which is never what `0` was meant to say.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        zero if zero.is_zero() => Err("must be more than zero".into()),
+        positive => Ok(positive),
+    }
 }
 
 fn probability(text: &str) -> Result<f64, String> {

@@ -262,8 +262,13 @@ async fn connect(
                     match parse(n.channel(), n.payload()) {
                         Ok((event, unknown_status)) => {
                             if let Some(unknown) = unknown_status {
+                                let id = match event {
+                                    Event::SlotChanged(id) | Event::BotChanged(id) => id,
+                                    Event::Tick | Event::Resync => 0,
+                                };
                                 warn!(
                                     channel = n.channel(),
+                                    id,
                                     status = %cut_short(&unknown, PAYLOAD_SHOWN),
                                     "notification names an unknown status; checking the row anyway"
                                 );
