@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// that fails three times is deleted.
     #[arg(long, default_value_t = 0.15)]
     failure_rate: f64,
+    /// Serve /metrics, /healthz and /readyz here while the demo runs; empty turns it off.
+    #[arg(long, default_value = "127.0.0.1:9187")]
+    http_listen: String,
 }
 
 pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
@@ -58,9 +61,20 @@ pub async fn run(server_url: &str, args: DemoArgs) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let platform = SimulatedPlatform::new(Duration::from_millis(20), args.failure_rate);
-    let daemon = daemon::start(Options::new(&url, settings, std::sync::Arc::new(platform)))
+    let mut options = Options::new(&url, settings, std::sync::Arc::new(platform));
+    options.http_listen = match args.http_listen.trim() {
+        "" => None,
+        addr => Some(
+            addr.parse()
+                .context("--http-listen: expected IP:PORT or empty")?,
+        ),
+    };
+    let daemon = daemon::start(options)
         .await
         .context("starting the daemon on the demo database")?;
+    if let Some(addr) = daemon.http_addr() {
+        println!("demo: metrics on http://{addr}/metrics, readiness on http://{addr}/readyz");
+    }
 
     let milo = connect(&url).await?;
     seed(&milo, args.slots).await?;
