@@ -342,6 +342,9 @@ impl Binary {
                 "0",
                 "--platform-timeout",
                 "5s",
+                // Any free port: the default 9187 may be taken by another daemon or test.
+                "--http-listen",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .env("DATABASE_URL", &db.url)
