@@ -22,6 +22,22 @@ pub enum StoreError {
     QueryFailed(#[source] tokio_postgres::Error),
 }
 
+impl StoreError {
+    /// A table or function the worker needs does not exist (SQLSTATE 42P01 or 42883): the
+    /// schema was never migrated on this database, or milo's tables are missing.
+    pub fn is_missing_schema(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            Self::QueryFailed(error) => matches!(
+                error.code(),
+                Some(code) if *code == SqlState::UNDEFINED_TABLE
+                    || *code == SqlState::UNDEFINED_FUNCTION
+            ),
+            Self::ConnectionFailed(_) => false,
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         Self::ConnectionFailed(error)

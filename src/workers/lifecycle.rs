@@ -150,6 +150,11 @@ async fn drive<W: Worker>(
                 if failures == 1 {
                     let error = ErrorChain(e);
                     error!(%error, ?retry_in, "run failed; will retry as a full sweep");
+                    if matches!(e, RunError::Store(store) if store.is_missing_schema()) {
+                        error!(
+                            "a table is missing: has `milo-workers migrate` run on this database?"
+                        );
+                    }
                 } else {
                     let error = ErrorChain(e);
                     tracing::debug!(%error, failures, ?retry_in, "run failed again");
