@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
 
 use super::{fit, secs, StoreError};
 use crate::status::{BotStatus, HEARTBEAT_STATUSES};
@@ -92,12 +92,12 @@ pub async fn mark_fatal(
 
 /// Every bot in a heartbeat-watched status, in one pass over `bots`: what a full sweep checks,
 /// batch by batch.
-pub async fn all_watched(tx: &Transaction<'_>) -> Result<Vec<i32>, StoreError> {
+pub async fn all_watched(client: &impl GenericClient) -> Result<Vec<i32>, StoreError> {
     let statuses: Vec<&str> = HEARTBEAT_STATUSES.to_vec();
-    let statement = tx
+    let statement = client
         .prepare_cached("SELECT id FROM bots WHERE status = ANY($1) ORDER BY id")
         .await?;
-    let found = tx.query(&statement, &[&statuses]).await?;
+    let found = client.query(&statement, &[&statuses]).await?;
     Ok(found.iter().map(|row| row.get(0)).collect())
 }
 
@@ -199,7 +199,7 @@ const WATCHED_BOTS: &str = "milo_workers.bot_status_since ss
 /// Seconds from now (by the database clock) until the first watched bot can become silent
 /// for longer than the timeout; negative if one already is, `None` if no bot is watched.
 pub async fn next_deadline(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     silence: Silence,
 ) -> Result<Option<f64>, StoreError> {
     let since = SILENT_SINCE.replace("$floor", "$2");
@@ -208,8 +208,8 @@ pub async fn next_deadline(
                                    - timezone('UTC', now()))::float8
          FROM {WATCHED_BOTS}"
     );
-    let statement = tx.prepare_cached(&sql).await?;
-    let row = tx
+    let statement = client.prepare_cached(&sql).await?;
+    let row = client
         .query_one(&statement, &[&secs(silence.timeout), &silence.floor])
         .await?;
     Ok(row.get(0))
@@ -217,7 +217,7 @@ pub async fn next_deadline(
 
 /// Watched bots already silent for longer than the timeout, found through the same index.
 pub async fn due(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     silence: Silence,
     limit: i64,
 ) -> Result<Vec<i32>, StoreError> {
@@ -227,8 +227,8 @@ pub async fn due(
            AND {since} < timezone('UTC', now()) - make_interval(secs => $1)
          ORDER BY b.id LIMIT $3"
     );
-    let statement = tx.prepare_cached(&sql).await?;
-    let rows = tx
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client
         .query(
             &statement,
             &[&secs(silence.timeout), &silence.floor, &limit],
@@ -238,9 +238,11 @@ pub async fn due(
 }
 
 /// The database's current UTC wall-clock time.
-pub async fn now(tx: &Transaction<'_>) -> Result<SystemTime, StoreError> {
-    let statement = tx.prepare_cached("SELECT timezone('UTC', now())").await?;
-    Ok(tx.query_one(&statement, &[]).await?.get(0))
+pub async fn now(client: &impl GenericClient) -> Result<SystemTime, StoreError> {
+    let statement = client
+        .prepare_cached("SELECT timezone('UTC', now())")
+        .await?;
+    Ok(client.query_one(&statement, &[]).await?.get(0))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
 
 use super::{secs, StoreError};
 use crate::status::SlotStatus;
@@ -77,14 +77,14 @@ fn slot_row(row: &tokio_postgres::Row) -> SlotRow {
 /// Every recovery candidate's id, in one pass over `bot_pool_slots`: what a full sweep then
 /// claims and handles batch by batch. Memory grows with the candidates, not with the table.
 pub async fn sweep_candidates(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     deploy_timeout: Duration,
     orphan_grace: Duration,
 ) -> Result<Vec<i32>, StoreError> {
     let candidate = CANDIDATE.replace("$grace", "$2");
     let sql = format!("SELECT s.id {FROM} WHERE {candidate} ORDER BY s.id");
-    let statement = tx.prepare_cached(&sql).await?;
-    let found = tx
+    let statement = client.prepare_cached(&sql).await?;
+    let found = client
         .query(&statement, &[&secs(deploy_timeout), &secs(orphan_grace)])
         .await?;
     Ok(found.iter().map(|row| row.get(0)).collect())
@@ -270,7 +270,7 @@ const SLOT_DEADLINES: &str = "
 /// Seconds from now until the first watched slot needs SlotRecovery; negative if one does
 /// already, `None` if no slot is watched.
 pub async fn next_deadline(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     deploy_timeout: Duration,
     freshness: Duration,
 ) -> Result<Option<f64>, StoreError> {
@@ -278,8 +278,8 @@ pub async fn next_deadline(
         "SELECT extract(epoch FROM min(due_at) - timezone('UTC', now()))::float8
          FROM ({SLOT_DEADLINES}) d"
     );
-    let statement = tx.prepare_cached(&sql).await?;
-    let row = tx
+    let statement = client.prepare_cached(&sql).await?;
+    let row = client
         .query_one(&statement, &[&secs(deploy_timeout), &secs(freshness)])
         .await?;
     Ok(row.get(0))
@@ -287,7 +287,7 @@ pub async fn next_deadline(
 
 /// Watched slots whose deadline has passed.
 pub async fn due(
-    tx: &Transaction<'_>,
+    client: &impl GenericClient,
     deploy_timeout: Duration,
     freshness: Duration,
     limit: i64,
@@ -296,8 +296,8 @@ pub async fn due(
         "SELECT id FROM ({SLOT_DEADLINES}) d WHERE due_at <= timezone('UTC', now())
          ORDER BY id LIMIT $3"
     );
-    let statement = tx.prepare_cached(&sql).await?;
-    let rows = tx
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client
         .query(
             &statement,
             &[&secs(deploy_timeout), &secs(freshness), &limit],

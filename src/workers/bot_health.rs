@@ -133,10 +133,8 @@ impl BotHealth {
         {
             return Ok(());
         }
-        let mut client = self.context.pool.get().await?;
-        let tx = client.transaction().await?;
-        let now = bots::now(&tx).await?;
-        tx.commit().await?;
+        let client = self.context.pool.get().await?;
+        let now = bots::now(&client).await?;
         self.set_view_since(Some(now));
         Ok(())
     }
@@ -336,11 +334,8 @@ impl Worker for BotHealth {
         if self.capped.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut client = self.context.pool.get().await?;
-        let tx = client.transaction().await?;
-        let deadline = bots::next_deadline(&tx, self.silence()).await?;
-        tx.commit().await?;
-        Ok(deadline)
+        let client = self.context.pool.get().await?;
+        Ok(bots::next_deadline(&client, self.silence()).await?)
     }
 }
 
@@ -358,19 +353,13 @@ impl BotHealth {
                     return Ok(report);
                 };
                 sweep_lock = Some(lock);
-                let mut client = self.context.pool.get().await?;
-                let tx = client.transaction().await?;
-                let ids = bots::all_watched(&tx).await?;
-                tx.commit().await?;
-                ids
+                let client = self.context.pool.get().await?;
+                bots::all_watched(&client).await?
             }
             Scope::Due => {
-                let mut client = self.context.pool.get().await?;
-                let tx = client.transaction().await?;
+                let client = self.context.pool.get().await?;
                 let limit = self.context.batch_size as i64;
-                let ids = bots::due(&tx, self.silence(), limit).await?;
-                tx.commit().await?;
-                ids
+                bots::due(&client, self.silence(), limit).await?
             }
         };
         // Which slot each bot holds, read once per run when the first bot needs releasing.

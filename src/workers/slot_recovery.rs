@@ -420,18 +420,12 @@ impl Worker for SlotRecovery {
                     return Ok(report);
                 };
                 sweep_lock = Some(lock);
-                let mut client = self.context.pool.get().await?;
-                let tx = client.transaction().await?;
-                let ids = slots::sweep_candidates(&tx, deploy, fresh).await?;
-                tx.commit().await?;
-                ids
+                let client = self.context.pool.get().await?;
+                slots::sweep_candidates(&client, deploy, fresh).await?
             }
             Scope::Due => {
-                let mut client = self.context.pool.get().await?;
-                let tx = client.transaction().await?;
-                let ids = slots::due(&tx, deploy, fresh, self.context.batch_size as i64).await?;
-                tx.commit().await?;
-                ids
+                let client = self.context.pool.get().await?;
+                slots::due(&client, deploy, fresh, self.context.batch_size as i64).await?
             }
         };
 
@@ -452,14 +446,11 @@ impl Worker for SlotRecovery {
     }
 
     async fn next_deadline(&self) -> Result<Option<f64>, RunError> {
-        let mut client = self.context.pool.get().await?;
-        let tx = client.transaction().await?;
+        let client = self.context.pool.get().await?;
         let (deploy, fresh) = (
             self.settings.deploy_timeout,
             self.settings.heartbeat_freshness,
         );
-        let deadline = slots::next_deadline(&tx, deploy, fresh).await?;
-        tx.commit().await?;
-        Ok(deadline)
+        Ok(slots::next_deadline(&client, deploy, fresh).await?)
     }
 }
